@@ -1,0 +1,12 @@
+"""Thin ComfyUI adapters: schemas, host types in and out; the math lives in ``core``."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loaders import LoadContentLoRA, LoadStyleLoRA
+
+
+class BLoRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadContentLoRA, LoadStyleLoRA]

@@ -1,0 +1,80 @@
+"""Test setup: the pack importable as ``blora_pack`` (host-free), and the real ComfyUI host.
+
+Host tests ask for the ``host`` fixture; without a ComfyUI checkout they skip with a reason
+printed in the header and again at the end of the run, so a skipped run is never mistaken for
+a passing one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+import host_harness
+
+PACK_NAME = "blora_pack"
+
+
+def _register_pack() -> None:
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, host_harness.PACK_ROOT / "__init__.py",
+        submodule_search_locations=[str(host_harness.PACK_ROOT)],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+
+
+_register_pack()
+COMFYUI_PATH, COMFYUI_FOUND_HOW = host_harness.find_comfyui()
+NO_HOST_REASON = (
+    f"HOST TESTS SKIPPED: {COMFYUI_FOUND_HOW}. Set COMFYUI_PATH to a ComfyUI checkout "
+    "(see README, 'Tests') to run them."
+)
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {COMFYUI_FOUND_HOW}" if COMFYUI_PATH else f"!!! {NO_HOST_REASON} !!!"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if COMFYUI_PATH is None:
+        terminalreporter.write_sep("!", NO_HOST_REASON, red=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def host():
+    if COMFYUI_PATH is None:
+        pytest.skip(NO_HOST_REASON)
+    return host_harness.start_host(COMFYUI_PATH)
+
+
+@pytest.fixture
+def inference_mode():
+    """The host's executor runs every node under inference mode; so do node tests."""
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture
+def loras_dir(host, tmp_path):
+    """A fresh, empty loras folder registered with the host for one test."""
+    folder_paths = host.folder_paths
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved[1])
+    folder_paths.filename_list_cache.pop("loras", None)
+    yield folder
+    folder_paths.folder_names_and_paths["loras"] = saved
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
+@pytest.fixture
+def tiny_sdxl(host):
+    import tiny_models
+
+    return tiny_models.build_tiny_sdxl()

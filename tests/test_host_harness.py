@@ -1,0 +1,33 @@
+"""The reference harness itself: the host loads the pack, and the two tiny UNets agree."""
+
+from __future__ import annotations
+
+import torch
+
+import tiny_models
+
+
+def test_host_loads_pack_through_its_own_loader(host):
+    assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS["BLoRALoadContentLoRA"] == "Load Content LoRA"
+    assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS["BLoRALoadStyleLoRA"] == "Load Style LoRA"
+    schema = host.node("BLoRALoadContentLoRA").GET_SCHEMA()
+    assert schema.category == "B-LoRA"
+    assert [i.id for i in schema.inputs][:3] == ["model", "lora_name", "strength"]
+
+
+def test_tiny_sdxl_has_sdxl_block_names(tiny_sdxl):
+    keys = tiny_sdxl.model.diffusion_model.state_dict().keys()
+    for block in ("output_blocks.0.1", "output_blocks.1.1"):
+        for index in (0, 1):
+            assert f"{block}.transformer_blocks.{index}.attn2.to_k.weight" in keys
+    assert 1e6 < sum(p.numel() for p in tiny_sdxl.model.parameters()) < 2e7
+
+
+def test_diffusers_twin_gives_the_same_output(tiny_sdxl):
+    unet = tiny_models.diffusers_unet_from(tiny_sdxl)
+    inputs = tiny_models.sample_inputs(batch=2)
+    with torch.no_grad():
+        ours = tiny_models.comfy_unet_output(tiny_sdxl, *inputs)
+        reference = tiny_models.diffusers_unet_output(unet, *inputs)
+    assert ours.abs().mean() > 0.1
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
