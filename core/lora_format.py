@@ -265,3 +265,26 @@ def to_comfy_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
         if layer.alpha is not None:
             state_dict[f"diffusion_model.{path}.alpha"] = torch.tensor(float(layer.alpha))
     return state_dict
+
+
+def to_kohya_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """kohya naming with diffusers module names and an alpha per layer: the one naming that
+    ComfyUI's stock loader, diffusers' ``load_lora_weights`` and this pack all read as is."""
+    state_dict = {}
+    for path, layer in weights.layers.items():
+        prefix = "lora_unet_" + sdxl_unet.ldm_to_diffusers(path).replace(".", "_")
+        state_dict[f"{prefix}.lora_down.weight"] = layer.down
+        state_dict[f"{prefix}.lora_up.weight"] = layer.up
+        state_dict[f"{prefix}.alpha"] = torch.tensor(float(layer.rank if layer.alpha is None else layer.alpha))
+    return state_dict
+
+
+def to_official_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """The official B-LoRA / diffusers file layout: ``unet.<diffusers>.lora.{down,up}.weight``,
+    fp32, no alpha (the scale is folded into ``up``, since those files always load at scale 1)."""
+    state_dict = {}
+    for path, layer in weights.layers.items():
+        prefix = "unet." + sdxl_unet.ldm_to_diffusers(path)
+        state_dict[f"{prefix}.lora.down.weight"] = layer.down.float().contiguous()
+        state_dict[f"{prefix}.lora.up.weight"] = (layer.up.float() * layer.scale).contiguous()
+    return state_dict

@@ -158,3 +158,30 @@ def to_ldm_path(module_path: str) -> str:
     if is_ldm_path(module_path):
         return module_path
     return diffusers_to_ldm(module_path)
+
+
+_LDM_ATTENTION_BLOCK = re.compile(r"^(?P<kind>input_blocks|output_blocks)\.(?P<number>\d+)\.1(?P<rest>(\..+)?)$")
+
+
+def ldm_to_diffusers(module_path: str) -> str:
+    """The diffusers path of a module inside an attention block (the blocks LoRAs train).
+
+    ``output_blocks.1.1.transformer_blocks.0.attn1.to_q`` -> ``up_blocks.0.attentions.1...``.
+    Raises KeyError for other modules; the result maps back with :func:`diffusers_to_ldm`.
+    """
+    per_level = RES_BLOCKS_PER_LEVEL + 1
+    if module_path == "middle_block.1" or module_path.startswith("middle_block.1."):
+        return "mid_block.attentions.0" + module_path[len("middle_block.1"):]
+    match = _LDM_ATTENTION_BLOCK.match(module_path)
+    if not match:
+        raise KeyError(module_path)
+    number, rest = int(match["number"]), match["rest"]
+    if match["kind"] == "input_blocks":
+        level, index = divmod(number - 1, per_level)
+        if index >= RES_BLOCKS_PER_LEVEL or level not in LEVELS_WITH_ATTENTION:
+            raise KeyError(module_path)
+        return f"down_blocks.{level}.attentions.{index}{rest}"
+    level, index = divmod(number, per_level)
+    if (LEVELS - 1 - level) not in LEVELS_WITH_ATTENTION:
+        raise KeyError(module_path)
+    return f"up_blocks.{level}.attentions.{index}{rest}"

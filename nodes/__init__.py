@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .loaders import LoadContentLoRA, LoadStyleLoRA
+from .train import TrainBLoRA
 
 
 class BLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadContentLoRA, LoadStyleLoRA]
+        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA]

@@ -48,6 +48,16 @@ class Host:
     def node(self, node_id: str):
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
+    def run_node(self, node_id: str, *args, unique_id: str = "7", **kwargs):
+        """Run a node as the executor does: a per-run class clone with its hidden inputs, under
+        inference mode. Returns the ``NodeOutput``."""
+        import torch
+        from comfy_api.latest import io
+
+        node_class = self.node(node_id).PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+        with torch.inference_mode():
+            return node_class.execute(*args, **kwargs)
+
 
 _started: Host | None = None
 

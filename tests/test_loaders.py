@@ -27,8 +27,7 @@ def write_lora(folder, name, state_dict):
 
 
 def run_node(host, node_id, *args, **kwargs):
-    with torch.inference_mode():
-        return host.node(node_id).execute(*args, **kwargs).result[0]
+    return host.run_node(node_id, *args, **kwargs).result[0]
 
 
 @pytest.mark.parametrize("naming", sorted(lora_namings.NAMINGS))

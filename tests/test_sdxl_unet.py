@@ -74,3 +74,23 @@ def test_mapping_equals_the_hosts_for_every_weight(host, tiny_sdxl, unet_config)
         checked += 1
     assert checked > 500
 
+
+
+@pytest.mark.parametrize("ldm, diffusers", [
+    ("output_blocks.0.1.transformer_blocks.0.attn1.to_q", "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+    ("output_blocks.1.1.transformer_blocks.9.attn2.to_out.0", "up_blocks.0.attentions.1.transformer_blocks.9.attn2.to_out.0"),
+    ("output_blocks.5.1.proj_in", "up_blocks.1.attentions.2.proj_in"),
+    ("input_blocks.4.1.transformer_blocks.1.attn1.to_k", "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k"),
+    ("input_blocks.8.1.norm", "down_blocks.2.attentions.1.norm"),
+    ("middle_block.1.transformer_blocks.2.ff.net.2", "mid_block.attentions.0.transformer_blocks.2.ff.net.2"),
+])
+def test_ldm_to_diffusers_inverts_diffusers_to_ldm(ldm, diffusers):
+    assert sdxl_unet.ldm_to_diffusers(ldm) == diffusers
+    assert sdxl_unet.diffusers_to_ldm(diffusers) == ldm
+
+
+@pytest.mark.parametrize("bad", ["input_blocks.1.1.proj_in", "output_blocks.7.1.proj_in", "input_blocks.3.1.x",
+                                 "output_blocks.0.0.in_layers.0", "label_emb.0.0"])
+def test_ldm_to_diffusers_refuses_modules_outside_attention_blocks(bad):
+    with pytest.raises(KeyError):
+        sdxl_unet.ldm_to_diffusers(bad)

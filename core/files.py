@@ -1,0 +1,52 @@
+"""Writing files so that a crash or Cancel never leaves a half-written one behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class UnsafeOutputPathError(ValueError):
+    """An output name that would write outside its folder."""
+
+
+def path_inside(root: str | Path, name: str, suffix: str = ".safetensors") -> Path:
+    """``root/name`` (with ``suffix`` added if missing), refusing names that leave ``root``:
+    absolute paths, drive letters, ``..`` parts, or links that resolve elsewhere."""
+    cleaned = name.strip().replace("\\", "/")
+    parts = [part for part in cleaned.split("/") if part not in ("", ".")]
+    if not parts or cleaned.startswith("/") or ":" in parts[0] or ".." in parts:
+        raise UnsafeOutputPathError(
+            f"Output name {name!r} must be a file name inside the loras folder, optionally with subfolders "
+            "(e.g. 'b-lora/my_cat'); absolute paths and '..' are refused."
+        )
+    root = Path(root).resolve()
+    target = root.joinpath(*parts)
+    if not target.name.endswith(suffix):
+        target = target.with_name(target.name + suffix)
+    if not target.resolve().is_relative_to(root):
+        raise UnsafeOutputPathError(f"Output name {name!r} resolves outside the loras folder {root}.")
+    return target

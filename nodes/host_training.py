@@ -1,0 +1,169 @@
+"""The host side of training: turn ComfyUI objects into what ``training.trainer`` needs, and
+leave the user's model exactly as it was on every exit path.
+
+The training clone carries the LoRA adapters as weight wrappers (``ModelPatcher.add_weight_wrapper``):
+the host applies them in each forward on the shared module without changing any weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_base
+import comfy.model_management
+import comfy.utils
+
+from ..training.diffusion import alphas_cumprod_from_sigmas
+from ..training.lora_adapters import LoraAdapterSet
+
+OFFICIAL_RESOLUTION = 1024
+"""The official script's size conditioning: (1024, 1024, 0, 0, 1024, 1024) whatever the image."""
+
+SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+@dataclass
+class ImageConditioning:
+    context: torch.Tensor
+    """(1, tokens, 2048) cross-attention context."""
+    y: torch.Tensor
+    """(1, 2816) SDXL's pooled text + size embedding."""
+
+
+def prediction_type(model) -> str:
+    model_type = model.model.model_type
+    if model_type == comfy.model_base.ModelType.EPS:
+        return "epsilon"
+    if model_type == comfy.model_base.ModelType.V_PREDICTION:
+        return "v_prediction"
+    raise ValueError(f"Training supports epsilon and v-prediction SDXL models; this one is {model_type.name}.")
+
+
+def noise_schedule(model) -> torch.Tensor:
+    return alphas_cumprod_from_sigmas(model.get_model_object("model_sampling").sigmas.detach().cpu())
+
+
+def training_latents(model, latents: dict) -> torch.Tensor:
+    samples = latents.get("samples") if isinstance(latents, dict) else None
+    if samples is None or samples.ndim != 4 or samples.shape[0] == 0:
+        found = "nothing" if samples is None else f"a tensor of shape {tuple(samples.shape)}"
+        raise ValueError(f"The latents input holds {found}; encode at least one image with VAE Encode.")
+    channels = model.model.latent_format.latent_channels
+    if samples.shape[1] != channels:
+        raise ValueError(f"The latents have {samples.shape[1]} channels but this model works on {channels}: "
+                         "encode the image with the VAE of the same SDXL checkpoint.")
+    if not torch.isfinite(samples).all():
+        raise ValueError("The latents contain NaN/inf: the VAE overflowed (an fp16 SDXL VAE does this); "
+                         "use the fp16-fix VAE or run the VAE in fp32 (--fp32-vae).")
+    return model.model.process_latent_in(samples.detach().clone().float())
+
+
+def conditioning_per_image(model, positive, num_images: int) -> list[ImageConditioning]:
+    """One conditioning for all images, or one per image in order (the captions of a multi-image run)."""
+    if not positive:
+        raise ValueError("The positive conditioning is empty; connect a text encoder's output (prompt 'A [v]').")
+    context_dim = model.model.model_config.unet_config["context_dim"]
+    entries = []
+    for cond, extras in positive:
+        pooled = extras.get("pooled_output")
+        if pooled is None:
+            raise ValueError("The conditioning has no pooled output, so it is not from an SDXL text encoder. Encode "
+                             "the prompt with the CLIP of the same SDXL checkpoint.")
+        if cond.shape[-1] != context_dim:
+            raise ValueError(f"The conditioning has {cond.shape[-1]} features per token but this model expects "
+                             f"{context_dim}: it was encoded by another model's text encoder.")
+        size = {key: extras.get(key, OFFICIAL_RESOLUTION if "crop" not in key else 0) for key in SIZE_KEYS}
+        for row in range(cond.shape[0]):
+            y = model.model.encode_adm(pooled_output=pooled[row:row + 1], **size)
+            entries.append(ImageConditioning(cond[row:row + 1].detach().clone(), y.detach().clone()))
+    if len(entries) == 1:
+        return entries * num_images
+    if len(entries) != num_images:
+        raise ValueError(f"{num_images} latent image(s) but {len(entries)} conditionings: give one prompt for "
+                         "all images, or one per image in the same order (e.g. with Conditioning Combine).")
+    return entries
+
+
+def target_shapes(model, recipe) -> dict[str, tuple[int, int]]:
+    weights = model.model_state_dict("diffusion_model.")
+    paths = [key[len("diffusion_model."):-len(".weight")] for key in weights if key.endswith(".weight")]
+    shapes = {path: tuple(weights[f"diffusion_model.{path}.weight"].shape) for path in recipe.targets(paths)}
+    if not shapes:
+        raise ValueError(f"The model has no layers for the recipe '{recipe.name}'; is it an SDXL UNet?")
+    return shapes
+
+
+def base_weights_sha256(model, paths) -> str:
+    """A fingerprint of the base weights the LoRA was trained against."""
+    digest = hashlib.sha256()
+    weights = model.model_state_dict("diffusion_model.")
+    for path in sorted(paths):
+        tensor = weights[f"diffusion_model.{path}.weight"].detach().to("cpu").contiguous()
+        digest.update(path.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _thaw_inference_tensors(module: torch.nn.Module) -> int:
+    """Autograd cannot save inference tensors (the host loads models under inference mode);
+    swap each such parameter for an ordinary tensor with the same values, one at a time."""
+    thawed = 0
+    for name, param in list(module.named_parameters()):
+        if param.is_inference():
+            comfy.utils.set_attr_param(module, name, param.detach().clone())
+            thawed += 1
+    return thawed
+
+
+def _unload(model_patcher) -> None:
+    for loaded in list(comfy.model_management.current_loaded_models):
+        if loaded.model is model_patcher:
+            loaded.model_unload()
+            comfy.model_management.current_loaded_models.remove(loaded)
+
+
+@contextlib.contextmanager
+def training_model(model, adapters: LoraAdapterSet):
+    """A clone of ``model`` loaded for training with ``adapters`` wrapped around their weights.
+
+    Yields ``(clone, device)``. On exit, success or not, the clone is unloaded (weights restored
+    from the host's backup) and the adapters are taken off the shared modules.
+    """
+    clone = model.clone()
+    for path, adapter in adapters.items():
+        clone.add_weight_wrapper(f"diffusion_model.{path}.weight", adapter)
+    unet = clone.model.diffusion_model
+    try:
+        with torch.inference_mode(False):
+            comfy.model_management.load_models_gpu([clone], force_full_load=True)
+            device = clone.load_device
+            adapters.to(device)
+            thawed = _thaw_inference_tensors(unet)
+            logging.debug("B-LoRA training: %d frozen weights made autograd-ready", thawed)
+            yield clone, device
+    finally:
+        _unload(clone)
+        for path, adapter in adapters.items():
+            module = comfy.utils.get_attr(unet, path)
+            if any(f is adapter for f in getattr(module, "weight_function", [])):
+                module.weight_function = [f for f in module.weight_function if f is not adapter]
+        adapters.to("cpu")
+
+
+def unet_predict(clone, conditionings: list[ImageConditioning], device: torch.device):
+    """``predict(noisy, timesteps, index)``: the raw UNet output for image ``index``, fed the way
+    the host's own ``apply_model`` feeds it (inputs in the UNet's compute dtype)."""
+    unet = clone.model.diffusion_model
+    dtype = clone.model.manual_cast_dtype or clone.model.get_dtype()
+    prepared = [(c.context.to(device, dtype), c.y.to(device, dtype)) for c in conditionings]
+
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
+        context, y = prepared[index]
+        return unet(noisy.to(dtype), timesteps=timesteps, context=context, y=y)
+
+    return predict

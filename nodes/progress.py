@@ -1,0 +1,54 @@
+"""Training progress for the user: the host's progress bar (which also honours Cancel), a
+console bar with it/s, a status line on the node, and one ``blora.train`` event per step for
+the front end's live loss chart."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.utils
+from tqdm import tqdm
+
+EVENT = "blora.train"
+
+
+def _server():
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+class TrainingProgress:
+    def __init__(self, total: int, node_id: str | None, start: int = 0):
+        self.total = total
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.bar.update_absolute(start, total)
+        self.console = tqdm(total=total, initial=start, desc="Train B-LoRA", unit="step")
+        self.seconds_per_step = None
+
+    def on_step(self, step: int, total: int, loss: float, seconds: float) -> None:
+        self.seconds_per_step = seconds if self.seconds_per_step is None else 0.9 * self.seconds_per_step + 0.1 * seconds
+        remaining = (total - step) * self.seconds_per_step
+        self.bar.update_absolute(step, total)
+        self.console.update(1)
+        self.console.set_postfix(loss=f"{loss:.4f}")
+        if step == total:
+            self.console.close()
+        server = _server()
+        if server is None:
+            return
+        payload = {"node": self.node_id, "step": step, "total": total, "loss": loss,
+                   "it_per_s": 1.0 / self.seconds_per_step if self.seconds_per_step else None,
+                   "seconds_left": remaining}
+        try:
+            server.send_sync(EVENT, payload, server.client_id)
+            if self.node_id is not None:
+                server.send_progress_text(
+                    f"step {step}/{total} · {payload['it_per_s']:.2f} it/s · loss {loss:.4f} · {remaining:.0f} s left",
+                    self.node_id,
+                )
+        except Exception as error:  # the UI is a convenience; training must not stop for it
+            logging.debug("Train B-LoRA: progress event not sent: %s", error)

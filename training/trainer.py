@@ -1,0 +1,138 @@
+"""The LoRA training loop: everything one step does, visible in one screen.
+
+Host-free: the caller hands in the adapters, a ``predict`` function that runs the UNet, the
+encoded latents and the noise schedule, plus hooks for progress, Cancel and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .diffusion import denoising_loss, draw_step
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf for too many steps in a row."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    learning_rate: float
+    seed: int = 0
+    precision: str = "fp32"
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only on Cancel or error)."""
+    max_grad_norm: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4
+    prediction: str = "epsilon"
+    max_bad_steps: int = 20
+    """Consecutive non-finite steps tolerated (each is skipped) before training stops."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every}.")
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the LoRA: enough to continue exactly where it stopped."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    optimizer: dict | None = None
+    """AdamW's per-parameter state (``state_dict()["state"]``), indexed like the adapter parameters."""
+    scaler: dict | None = None
+
+
+@dataclass
+class TrainingHooks:
+    on_step: Callable[[int, int, float, float], None] = lambda step, total, loss, seconds: None
+    """Called after every step with (steps done, total, loss, seconds per step)."""
+    check_interrupt: Callable[[], None] = lambda: None
+    """Raises to stop (the host's Cancel); a checkpoint is saved first."""
+    save_checkpoint: Callable[[TrainingState], None] = lambda state: None
+
+
+def make_optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+        weight_decay=config.weight_decay, fused=device.type == "cuda",
+    )
+
+
+def train(adapters: torch.nn.Module, predict, latents: torch.Tensor, alphas_cumprod: torch.Tensor,
+          config: TrainConfig, hooks: TrainingHooks | None = None,
+          resume: TrainingState | None = None) -> TrainingState:
+    """Train ``adapters`` to denoise ``latents`` (N, C, H, W); one image per step, batch 1."""
+    hooks = hooks or TrainingHooks()
+    device = latents.device
+    params = [p for p in adapters.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    state = TrainingState()
+    if resume is not None:
+        restored = optimizer.state_dict()
+        restored["state"] = resume.optimizer  # moments and step counts; lr etc. come from this config
+        optimizer.load_state_dict(restored)
+        if resume.scaler:
+            scaler.load_state_dict(resume.scaler)
+        state = TrainingState(resume.step, list(resume.losses))
+    autocast_dtype = AUTOCAST_DTYPES[config.precision]
+    bad_steps = 0
+
+    def snapshot() -> TrainingState:
+        return TrainingState(state.step, list(state.losses), optimizer.state_dict()["state"], scaler.state_dict())
+
+    started_at = state.step
+    try:
+        for step in range(state.step, config.steps):
+            hooks.check_interrupt()
+            began = time.perf_counter()
+            draw = draw_step(config.seed, step, latents.shape[0], latents[:1].shape)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = denoising_loss(predict, latents[draw.index:draw.index + 1], draw, alphas_cumprod,
+                                      config.prediction)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                finite = bool(torch.isfinite(grad_norm))
+                if finite or scaler.is_enabled():
+                    scaler.step(optimizer)  # with fp16 the scaler itself skips overflowing steps
+                    scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps = 0 if finite else bad_steps + 1
+            if bad_steps > config.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"The loss or its gradients were NaN/inf for {bad_steps} steps in a row (last at step {step + 1}); "
+                    "every such step was skipped, so the saved checkpoint holds the last good LoRA. Try precision "
+                    "bf16 or fp32, a lower learning rate, or check the latents (NaN from an fp16 VAE?)."
+                )
+            state.step = step + 1
+            state.losses.append(float(loss.detach()) if finite else math.nan)
+            hooks.on_step(state.step, config.steps, state.losses[-1], time.perf_counter() - began)
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
+                hooks.save_checkpoint(snapshot())
+    except BaseException:
+        if state.step > started_at:
+            hooks.save_checkpoint(snapshot())
+        raise
+    return snapshot()
