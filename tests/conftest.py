@@ -78,3 +78,13 @@ def tiny_sdxl(host):
     import tiny_models
 
     return tiny_models.build_tiny_sdxl()
+
+
+@pytest.fixture
+def loaded_sdxl(host):
+    """A tiny SDXL made the way a checkpoint loader makes it in a real run: under inference
+    mode, so its weights are inference tensors (the trainer's classic pitfall)."""
+    import tiny_models
+
+    with torch.inference_mode():
+        return tiny_models.build_tiny_sdxl()

@@ -48,6 +48,12 @@ class Host:
     def node(self, node_id: str):
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
+    def pack(self, submodule: str):
+        """A module of the pack as the host loaded it (not the test-side ``blora_pack`` copy)."""
+        import importlib
+
+        return importlib.import_module(f"{self.pack_module_name}.{submodule}")
+
     def run_node(self, node_id: str, *args, unique_id: str = "7", **kwargs):
         """Run a node as the executor does: a per-run class clone with its hidden inputs, under
         inference mode. Returns the ``NodeOutput``."""
