@@ -138,6 +138,7 @@ def training_model(model, adapters: LoraAdapterSet):
     for path, adapter in adapters.items():
         clone.add_weight_wrapper(f"diffusion_model.{path}.weight", adapter)
     unet = clone.model.diffusion_model
+    requires_grad = {name: param.requires_grad for name, param in unet.named_parameters()}
     try:
         with torch.inference_mode(False):
             comfy.model_management.load_models_gpu([clone], force_full_load=True)
@@ -145,9 +146,12 @@ def training_model(model, adapters: LoraAdapterSet):
             adapters.to(device)
             thawed = _thaw_inference_tensors(unet)
             logging.debug("B-LoRA training: %d frozen weights made autograd-ready", thawed)
+            unet.requires_grad_(False)  # gradients for the adapters only; backward stops at the first LoRA block
             yield clone, device
     finally:
         _unload(clone)
+        for name, param in unet.named_parameters():
+            param.requires_grad_(requires_grad.get(name, False))
         for path, adapter in adapters.items():
             module = comfy.utils.get_attr(unet, path)
             if any(f is adapter for f in getattr(module, "weight_function", [])):

@@ -68,16 +68,17 @@ class Host:
 _started: Host | None = None
 
 
-def start_host(path: Path) -> Host:
-    """Import ComfyUI from ``path`` on the CPU with plain SDPA attention, then load this pack
-    through the host's own custom-node loader. Done once per process."""
+def start_host(path: Path, cpu: bool = True) -> Host:
+    """Import ComfyUI from ``path`` (on the CPU unless ``cpu`` is False) with plain SDPA
+    attention, then load this pack through the host's own custom-node loader. Done once per
+    process."""
     global _started
     if _started is not None:
         return _started
     sys.path.insert(0, str(path))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     args.use_pytorch_cross_attention = True
     args.disable_api_nodes = True
     import utils.extra_config  # noqa: F401  (before `nodes`, which puts comfy/ first on sys.path)

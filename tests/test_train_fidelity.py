@@ -21,6 +21,7 @@ def reference_unet_with_lora(tiny_sdxl, adapters, to_diffusers):
     from peft import LoraConfig
 
     unet = tiny_models.diffusers_unet_from(tiny_sdxl)
+    unet.requires_grad_(False)  # as the official script, before adding the LoRA layers
     targets = [to_diffusers(path) for path, _ in adapters.items()]
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets))
     lora_params = []

@@ -33,13 +33,15 @@ def model_state(model_patcher):
     """Everything of the user's model that training could disturb."""
     unet = model_patcher.model.diffusion_model
     wrappers = sum(len(getattr(m, "weight_function", [])) + len(getattr(m, "bias_function", [])) for m in unet.modules())
-    return tiny_models.unet_weights(model_patcher), dict(model_patcher.patches), wrappers
+    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    return tiny_models.unet_weights(model_patcher), dict(model_patcher.patches), wrappers, requires_grad
 
 
 def assert_unchanged(model_patcher, before):
-    weights, patches, wrappers = model_state(model_patcher)
+    weights, patches, wrappers, requires_grad = model_state(model_patcher)
     assert wrappers == 0, "weight wrappers were left on the shared modules"
     assert patches == before[1]
+    assert requires_grad == before[3]
     assert weights.keys() == before[0].keys()
     assert all(torch.equal(weights[k], before[0][k]) for k in weights)
 
