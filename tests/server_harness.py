@@ -1,0 +1,111 @@
+"""A real ComfyUI server on loopback with this pack and the tiny test fixtures, and a client.
+
+The server runs ComfyUI's own ``main.py --cpu`` in a subprocess; custom nodes come from a
+temporary custom_nodes folder holding links to this pack and to tests/fixture_nodes, declared
+through an extra_model_paths file, which also points the loras folder at a temporary one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import host_harness
+
+FIXTURE_NODES = Path(__file__).resolve().parent / "fixture_nodes" / "tiny_sdxl_fixtures"
+PACK_FOLDER_NAME = "blora_pack"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0):
+    """Yields the server's base URL; the server and its folders live under ``workdir``."""
+    custom_nodes = workdir / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    (custom_nodes / PACK_FOLDER_NAME).symlink_to(host_harness.PACK_ROOT, target_is_directory=True)
+    (custom_nodes / FIXTURE_NODES.name).symlink_to(FIXTURE_NODES, target_is_directory=True)
+    for folder in ("loras", "output", "input", "user", "temp"):
+        (workdir / folder).mkdir()
+    config = workdir / "extra_model_paths.yaml"
+    config.write_text(f"blora_tests:\n  base_path: {workdir}\n  custom_nodes: custom_nodes\n  loras: loras\n  is_default: true\n")
+    port = free_port()
+    log = open(workdir / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--use-pytorch-cross-attention", "--disable-api-nodes", "--extra-model-paths-config", str(config),
+         "--output-directory", str(workdir / "output"), "--input-directory", str(workdir / "input"),
+         "--user-directory", str(workdir / "user"), "--temp-directory", str(workdir / "temp")],
+        cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {process.returncode}:\n{(workdir / 'server.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("ComfyUI did not start in time:\n" + (workdir / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def get_json(url: str, path: str):
+    return json.loads(urllib.request.urlopen(url + path, timeout=30).read())
+
+
+def run_prompt(url: str, prompt: dict, timeout: float = 300.0) -> tuple[dict, list[dict]]:
+    """Queue an API-format prompt, collect every websocket message until it finishes; returns
+    the history entry and the messages (JSON ones only)."""
+    import websocket
+
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://{url.removeprefix('http://')}/ws?clientId={client_id}", timeout=timeout)
+    try:
+        body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
+        request = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            prompt_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["prompt_id"]
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"prompt refused: {error.read().decode()}") from error
+        messages = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frame = ws.recv()
+            if not isinstance(frame, str):
+                continue
+            message = json.loads(frame)
+            messages.append(message)
+            data = message.get("data", {})
+            if message["type"] in ("execution_error", "execution_interrupted") and data.get("prompt_id") == prompt_id:
+                break
+            if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+        else:
+            raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+    finally:
+        ws.close()
+    return get_json(url, f"/history/{prompt_id}").get(prompt_id, {}), messages
