@@ -82,28 +82,23 @@ def inputs():
     return latents, positive
 
 
-def measure(run_step, steps: int) -> dict:
-    for _ in range(3):
-        run_step()
+def measure(run_steps, steps: int, warmup: int = 3) -> dict:
+    """``run_steps(n)`` trains n steps and returns each step's seconds; the first ``warmup`` are
+    dropped. Peak memory is counted from the allocations before the run."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(steps):
-        began = time.perf_counter()
-        run_step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
+    times = run_steps(steps + warmup)[warmup:]
     median = statistics.median(times)
     return {"ms": median * 1000, "per_s": 1 / median, "s_per_1000": 1000 * median,
             "peak_gb": (torch.cuda.max_memory_allocated() - baseline) / 2**30}
 
 
 def pack_side(host, model, steps: int) -> dict:
+    """The pack's own loop (its per-step time includes the loss read-back, a GPU sync)."""
     recipes = host.pack("training.recipes")
     host_training = host.pack("nodes.host_training")
     trainer = host.pack("training.trainer")
-    diffusion = host.pack("training.diffusion")
     adapter_set = host.pack("training.lora_adapters")
     latents, positive = inputs()
     adapters = adapter_set.LoraAdapterSet(host_training.target_shapes(model, recipes.B_LORA), RANK, None)
@@ -113,26 +108,15 @@ def pack_side(host, model, steps: int) -> dict:
     with host_training.training_model(model, adapters) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         schedule = host_training.noise_schedule(clone).to(device)
-        x0 = x0.to(device)
-        params = list(adapters.parameters())
-        config = trainer.TrainConfig(steps=1, learning_rate=5e-5, precision="fp16")
-        optimizer = trainer.make_optimizer(params, config, device)
-        scaler = torch.amp.GradScaler("cuda")
-        counter = {"step": 0}
 
-        def step():
-            draw = diffusion.draw_step(0, counter["step"], 1, x0.shape)
-            counter["step"] += 1
-            with torch.autocast("cuda", dtype=torch.float16):
-                loss = diffusion.denoising_loss(predict, x0, draw, schedule)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        def run_steps(n):
+            times = []
+            trainer.train(adapters, predict, x0.to(device), schedule,
+                          trainer.TrainConfig(steps=n, learning_rate=5e-5, precision="fp16"),
+                          trainer.TrainingHooks(on_step=lambda s, t, loss, seconds: times.append(seconds)))
+            return times
 
-        return measure(step, steps)
+        return measure(run_steps, steps)
 
 
 def reference_side(host, model, steps: int) -> dict:
@@ -172,6 +156,7 @@ def reference_side(host, model, steps: int) -> dict:
     unet.train()
 
     def step():
+        began = time.perf_counter()
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, 1000, (1,), device="cuda")
         noisy = scheduler.add_noise(x0, noise, timesteps)
@@ -185,8 +170,10 @@ def reference_side(host, model, steps: int) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the same per-step sync the pack's loop has
+        return time.perf_counter() - began
 
-    result = measure(step, steps)
+    result = measure(lambda n: [step() for _ in range(n)], steps)
     del unet, optimizer
     torch.cuda.empty_cache()
     return result

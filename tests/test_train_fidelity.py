@@ -43,11 +43,7 @@ def assert_close_to_scale(ours, reference, tolerance=1e-4):
 
 @pytest.fixture
 def run_inputs():
-    generator = torch.Generator().manual_seed(0)
-    latents = {"samples": torch.randn(1, 4, 8, 8, generator=generator)}
-    context = torch.randn(1, 77, tiny_models.CONTEXT_DIM, generator=generator)
-    pooled = torch.randn(1, tiny_models.POOLED_DIM, generator=generator)
-    return latents, [[context, {"pooled_output": pooled}]]
+    return tiny_models.image_and_prompt()
 
 
 def test_one_step_equals_the_official_recipe(host, tiny_sdxl, run_inputs):

@@ -16,11 +16,7 @@ TRAIN = "BLoRATrain"
 
 @pytest.fixture
 def image_and_prompt():
-    generator = torch.Generator().manual_seed(0)
-    latents = {"samples": torch.randn(1, 4, 8, 8, generator=generator)}
-    context = torch.randn(1, 77, tiny_models.CONTEXT_DIM, generator=generator)
-    pooled = torch.randn(1, tiny_models.POOLED_DIM, generator=generator)
-    return latents, [[context, {"pooled_output": pooled}]]
+    return tiny_models.image_and_prompt()
 
 
 def train(host, model, image_and_prompt, steps=3, learning_rate=1e-3, rank=4, seed=0, name="b-lora/cat",

@@ -126,6 +126,15 @@ def sample_inputs(batch: int = 1, size: int = 16, seed: int = 1):
     return latent, timestep, context, pooled
 
 
+def image_and_prompt(seed: int = 0, size: int = 8):
+    """A LATENT dict of one random image and a CONDITIONING for it, in the host's formats."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = {"samples": torch.randn(1, 4, size, size, generator=generator)}
+    context = torch.randn(1, 77, CONTEXT_DIM, generator=generator)
+    pooled = torch.randn(1, POOLED_DIM, generator=generator)
+    return latents, [[context, {"pooled_output": pooled}]]
+
+
 def comfy_unet_output(model_patcher, latent, timestep, context, pooled):
     """The UNet's raw output (epsilon) for the ComfyUI model, patches applied the host's way."""
     import comfy.model_management
