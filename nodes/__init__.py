@@ -6,8 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .loaders import LoadContentLoRA, LoadStyleLoRA
 from .train import TrainBLoRA
+from .unzip_merge import UnZipColumnMaskMerge
 
 
 class BLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA]
+        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA, UnZipColumnMaskMerge]

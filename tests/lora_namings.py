@@ -12,7 +12,13 @@ LDM_TO_DIFFUSERS_BLOCK = {
     "output_blocks.0.1": "up_blocks.0.attentions.0",
     "output_blocks.1.1": "up_blocks.0.attentions.1",
     "output_blocks.2.1": "up_blocks.0.attentions.2",
+    "output_blocks.3.1": "up_blocks.1.attentions.0",
+    "output_blocks.4.1": "up_blocks.1.attentions.1",
+    "output_blocks.5.1": "up_blocks.1.attentions.2",
     "input_blocks.4.1": "down_blocks.1.attentions.0",
+    "input_blocks.5.1": "down_blocks.1.attentions.1",
+    "input_blocks.7.1": "down_blocks.2.attentions.0",
+    "input_blocks.8.1": "down_blocks.2.attentions.1",
     "middle_block.1": "mid_block.attentions.0",
 }
 B_LORA_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -40,11 +46,14 @@ def random_layers(shapes: dict[str, tuple[int, int]], rank: int = 4, alpha: floa
 
 def b_lora_shapes(unet_state_dict: dict[str, torch.Tensor], blocks=("output_blocks.0.1", "output_blocks.1.1"),
                   prefix: str = "") -> dict[str, tuple[int, int]]:
-    """The (out, in) of every B-LoRA target layer in ``blocks`` of a UNet state dict."""
+    """The (out, in) of every attention projection in ``blocks`` (all attention blocks when
+    ``blocks`` is None) of a UNet state dict."""
     shapes = {}
     for key, value in unet_state_dict.items():
         path = key[len(prefix):].removesuffix(".weight")
-        if any(path.startswith(b + ".transformer_blocks.") for b in blocks) and path.split(".", 5)[-1] in B_LORA_LAYERS:
+        block = path.split(".transformer_blocks.")[0]
+        in_blocks = ".transformer_blocks." in path and (blocks is None or block in blocks)
+        if in_blocks and path.split(".transformer_blocks.")[1].split(".", 1)[-1] in B_LORA_LAYERS:
             shapes[path] = tuple(value.shape)
     return shapes
 

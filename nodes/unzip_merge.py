@@ -1,0 +1,76 @@
+"""UnZip Column Mask Merge: a content LoRA and a style LoRA recombined with per-column weights."""
+
+from __future__ import annotations
+
+import logging
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..core import column_masks
+from . import host_model
+
+CATEGORY = "B-LoRA"
+NO_MERGER = "none"
+
+
+def _merger_for(weights, merger_name: str):
+    """The merger file's vectors, else the ones the LoRA file carries, else None (m = 1)."""
+    if merger_name and merger_name != NO_MERGER:
+        return column_masks.read_merger_file(host_model.lora_file_path(merger_name))
+    return column_masks.mergers_from_metadata(weights.metadata)
+
+
+class UnZipColumnMaskMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        loras = folder_paths.get_filename_list(host_model.LORAS_FOLDER)
+        return io.Schema(
+            node_id="UnZipColumnMaskMerge",
+            display_name="UnZip Column Mask Merge",
+            category=CATEGORY,
+            description=(
+                "Recombines a content LoRA and a style LoRA (UnZipLoRA): on every layer, W0 + s_c diag(m_c) B_c A_c + "
+                "s_s diag(m_s) B_s A_s, where m are per-output-feature merger weights. Reads the official "
+                "*_content / *_style LoRAs with their *_merger_*.pth files, and this pack's trained files (mergers "
+                "inside). Content and style may come from different images."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
+                io.Combo.Input("content_lora", options=loras, tooltip="The content LoRA (e.g. <name>_content)."),
+                io.Combo.Input("style_lora", options=loras, tooltip="The style LoRA, from the same or another image."),
+                io.Float.Input("content_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Combo.Input("content_merger", options=[NO_MERGER] + loras, default=NO_MERGER,
+                               tooltip="The content LoRA's merger (official *_merger_content.pth). 'none': the one "
+                                       "inside a pack-trained file, else 1 everywhere."),
+                io.Combo.Input("style_merger", options=[NO_MERGER] + loras, default=NO_MERGER,
+                               tooltip="The style LoRA's merger (official *_merger_style.pth), as above."),
+                io.Boolean.Input("untrained_masks", default=False, optional=True,
+                                 tooltip="For two LoRAs with no mergers (two B-LoRAs, two kohya LoRAs): on output "
+                                         "features both change strongly, keep only the LoRA that changes it more, "
+                                         "so the pair interferes less than a plain sum."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with both LoRAs merged in.")],
+        )
+
+    @classmethod
+    def execute(cls, model, content_lora: str, style_lora: str, content_strength: float, style_strength: float,
+                content_merger: str = NO_MERGER, style_merger: str = NO_MERGER,
+                untrained_masks: bool = False) -> io.NodeOutput:
+        host_model.require_sdxl(model, "UnZip Column Mask Merge")
+        content = host_model.read_lora(content_lora)
+        style = host_model.read_lora(style_lora)
+        merger_c = _merger_for(content, content_merger)
+        merger_s = _merger_for(style, style_merger)
+        if untrained_masks:
+            if merger_c is not None or merger_s is not None:
+                logging.info("UnZip Column Mask Merge: mergers given, untrained masks not used.")
+            else:
+                merger_c, merger_s = column_masks.untrained_column_masks(content, style)
+        if merger_c:
+            content = column_masks.scale_rows(content, merger_c, "content")
+        if merger_s:
+            style = column_masks.scale_rows(style, merger_s, "style")
+        patched = host_model.patched_clone(model, content, content_strength)
+        return io.NodeOutput(host_model.patched_clone(patched, style, style_strength))
