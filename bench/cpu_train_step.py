@@ -37,7 +37,7 @@ def pack_runner(host, model, latents, positive, rank, steps):
     conditionings = host_training.conditioning_per_image(model, positive, 1)
 
     def run():
-        with host_training.training_model(model, adapters) as (clone, device):
+        with host_training.training_model(model, adapters, dict(adapters.items())) as (clone, device):
             predict = host_training.unet_predict(clone, conditionings, device)
             times = []
             trainer.train(adapters, predict, x0, host_training.noise_schedule(clone),

@@ -105,7 +105,7 @@ def pack_side(host, model, steps: int) -> dict:
     adapters.reset(0)
     x0 = host_training.training_latents(model, latents)
     conditionings = host_training.conditioning_per_image(model, positive, 1)
-    with host_training.training_model(model, adapters) as (clone, device):
+    with host_training.training_model(model, adapters, dict(adapters.items())) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         schedule = host_training.noise_schedule(clone).to(device)
 

@@ -19,7 +19,6 @@ import comfy.model_management
 import comfy.utils
 
 from ..training.diffusion import alphas_cumprod_from_sigmas
-from ..training.lora_adapters import LoraAdapterSet
 
 OFFICIAL_RESOLUTION = 1024
 """The official script's size conditioning: (1024, 1024, 0, 0, 1024, 1024) whatever the image."""
@@ -128,35 +127,45 @@ def _unload(model_patcher) -> None:
 
 
 @contextlib.contextmanager
-def training_model(model, adapters: LoraAdapterSet):
-    """A clone of ``model`` loaded for training with ``adapters`` wrapped around their weights.
+def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | None = None,
+                   module_wrappers: dict | None = None):
+    """A clone of ``model`` loaded for training ``trainable``.
 
-    Yields ``(clone, device)``. On exit, success or not, the clone is unloaded (weights restored
-    from the host's backup) and the adapters are taken off the shared modules.
+    ``weight_wrappers`` maps module paths to functions of the weight (``W -> W + delta``), added
+    with ``ModelPatcher.add_weight_wrapper``; ``module_wrappers`` maps module paths to functions
+    that wrap the module itself (e.g. a LoRA on another input), added as object patches. The
+    host applies both to the shared module only while the clone is loaded. Yields
+    ``(clone, device)``; on exit, success or not, the clone is unloaded (weights and modules
+    restored by the host), the wrappers are taken off and every grad flag is restored.
     """
+    weight_wrappers = weight_wrappers or {}
     clone = model.clone()
-    for path, adapter in adapters.items():
-        clone.add_weight_wrapper(f"diffusion_model.{path}.weight", adapter)
+    for path, wrapper in weight_wrappers.items():
+        clone.add_weight_wrapper(f"diffusion_model.{path}.weight", wrapper)
+    for path, wrap in (module_wrappers or {}).items():
+        name = f"diffusion_model.{path}"
+        clone.add_object_patch(name, wrap(model.get_model_object(name)))
     unet = clone.model.diffusion_model
     requires_grad = {name: param.requires_grad for name, param in unet.named_parameters()}
     try:
         with torch.inference_mode(False):
             comfy.model_management.load_models_gpu([clone], force_full_load=True)
             device = clone.load_device
-            adapters.to(device)
+            trainable.to(device)
             thawed = _thaw_inference_tensors(unet)
             logging.debug("B-LoRA training: %d frozen weights made autograd-ready", thawed)
-            unet.requires_grad_(False)  # gradients for the adapters only; backward stops at the first LoRA block
+            unet.requires_grad_(False)  # gradients for the trained parameters only; backward stops early
+            trainable.requires_grad_(True)
             yield clone, device
     finally:
         _unload(clone)
+        for path, wrapper in weight_wrappers.items():
+            module = comfy.utils.get_attr(unet, path)
+            if any(f is wrapper for f in getattr(module, "weight_function", [])):
+                module.weight_function = [f for f in module.weight_function if f is not wrapper]
         for name, param in unet.named_parameters():
             param.requires_grad_(requires_grad.get(name, False))
-        for path, adapter in adapters.items():
-            module = comfy.utils.get_attr(unet, path)
-            if any(f is adapter for f in getattr(module, "weight_function", [])):
-                module.weight_function = [f for f in module.weight_function if f is not adapter]
-        adapters.to("cpu")
+        trainable.to("cpu")
 
 
 def unet_predict(clone, conditionings: list[ImageConditioning], device: torch.device):

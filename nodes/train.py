@@ -11,14 +11,14 @@ import torch
 
 import folder_paths
 import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..core import files, lora_format, loss_plot, sdxl_unet
 from ..training import checkpoint, recipes
 from ..training.lora_adapters import LoraAdapterSet
-from ..training.trainer import PRECISIONS, TrainConfig, TrainingHooks, train
-from . import host_model, host_training, progress
+from ..training.trainer import PRECISIONS, TrainConfig
+from . import host_model, host_training
+from .training_run import TrainingRun
 
 CATEGORY = "B-LoRA"
 PACK_VERSION = "0.1.0"
@@ -135,30 +135,16 @@ class TrainBLoRA(io.ComfyNode):
         fingerprint = {"recipe": chosen.name, "rank": str(rank), "alpha": str(lora_alpha), "seed": str(seed),
                        "images": str(samples.shape[0]), "base_model_sha256": metadata["blora.base_model_sha256"]}
         checkpoint_file = checkpoint.checkpoint_path(final_path)
-        resume_state = None
-        if resume:
-            saved_weights, resume_state = checkpoint.load_checkpoint(checkpoint_file, fingerprint)
-            adapters.load_lora_weights(saved_weights)
-            if resume_state.step >= steps:
-                raise ValueError(f"The checkpoint is already at step {resume_state.step}; raise steps above it to "
-                                 "continue training.")
 
-        def save_checkpoint(state):
-            checkpoint.save_checkpoint(adapters.to_lora_weights(metadata), state, checkpoint_file, fingerprint)
-            logging.info("Train B-LoRA: checkpoint at step %d saved to %s", state.step, checkpoint_file)
+        def checkpoint_files():
+            return {checkpoint_file: (lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata)}
 
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        reporter = progress.TrainingProgress(steps, node_id, start=resume_state.step if resume_state else 0)
-        hooks = TrainingHooks(on_step=reporter.on_step,
-                              check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                              save_checkpoint=save_checkpoint)
-        with host_training.training_model(model, adapters) as (clone, device):
-            predict = host_training.unet_predict(clone, conditionings, device)
-            state = train(adapters, predict, samples.to(device), host_training.noise_schedule(clone).to(device),
-                          config, hooks, resume_state)
+        run = TrainingRun(model, samples, conditionings, adapters, config, final_path, fingerprint, checkpoint_files,
+                          weight_wrappers=dict(adapters.items()))
+        state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume)
         trained = adapters.to_lora_weights({**metadata, "blora.created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         saved = _save_outputs(trained, final_path, export_diffusers)
-        checkpoint.remove_checkpoint(checkpoint_file)
+        run.remove_checkpoint()
         relative = saved.relative_to(loras_root).as_posix()
         patched = host_model.patched_clone(model, trained, 1.0)
         return io.NodeOutput(patched, relative, loss_plot.loss_curve_image(state.losses), {"loss": state.losses},

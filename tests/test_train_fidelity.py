@@ -87,7 +87,7 @@ def test_one_step_equals_the_official_recipe(host, tiny_sdxl, run_inputs):
     torch.optim.AdamW(reference_params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8).step()
 
     # the pack, on the host's model
-    with host_training.training_model(tiny_sdxl, adapters) as (clone, device):
+    with host_training.training_model(tiny_sdxl, adapters, dict(adapters.items())) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         schedule = host_training.noise_schedule(clone)
         torch.testing.assert_close(schedule.float(), scheduler.alphas_cumprod, rtol=1e-6, atol=1e-7)

@@ -1,8 +1,9 @@
-"""Resumable checkpoints: a LoRA file any loader reads, plus a ``.trainstate`` sidecar.
+"""Resumable checkpoints: LoRA files any loader reads, plus a ``.trainstate`` sidecar.
 
 The sidecar (safetensors inside, but an extension ComfyUI does not list under loras) holds
-AdamW's moments, the loss history, the gradient scaler and the run's fingerprint, so resuming
-continues exactly, and refuses a run with other layers, rank or seed.
+everything needed to continue exactly: the trained parameters and buffers as they are (for
+UnZipLoRA also the column masks, unbaked), AdamW's moments, the loss history, the gradient
+scaler and the run's fingerprint, which a resume must match.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from ..core import files, lora_format
+from ..core import files
 from .trainer import TrainingState
 
 TRAINSTATE_SUFFIX = ".trainstate"
 CHECKPOINT_TAG = "_checkpoint"
 
 
-def checkpoint_path(final_path: Path) -> Path:
-    return final_path.with_name(final_path.stem + CHECKPOINT_TAG + final_path.suffix)
+def checkpoint_path(final_path: Path, tag: str = "") -> Path:
+    """``<name>_checkpoint<tag>.safetensors`` beside the final file."""
+    return final_path.with_name(final_path.stem + CHECKPOINT_TAG + tag + final_path.suffix)
 
 
-def trainstate_path(lora_path: Path) -> Path:
-    return lora_path.with_suffix(TRAINSTATE_SUFFIX)
+def trainstate_path(final_path: Path) -> Path:
+    return final_path.with_name(final_path.stem + CHECKPOINT_TAG + TRAINSTATE_SUFFIX)
 
 
-def save_checkpoint(lora_weights: lora_format.LoraWeights, state: TrainingState, path: Path,
-                    fingerprint: dict[str, str]) -> Path:
+def save_checkpoint(trainable: nn.Module, state: TrainingState, sidecar: Path, fingerprint: dict[str, str],
+                    lora_files: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]]) -> None:
+    """Write the sidecar, then each ``path: (state_dict, metadata)`` LoRA file, atomically."""
     tensors = {"losses": torch.tensor(state.losses, dtype=torch.float64)}
+    tensors.update({f"trainable.{k}": v.detach().cpu() for k, v in trainable.state_dict().items()})
     for index, moments in (state.optimizer or {}).items():
         for name, value in moments.items():
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
@@ -39,21 +44,19 @@ def save_checkpoint(lora_weights: lora_format.LoraWeights, state: TrainingState,
         "scaler": json.dumps(state.scaler or {}),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
-    files.save_safetensors_atomic(tensors, trainstate_path(path), metadata)
-    files.save_safetensors_atomic(lora_format.to_kohya_state_dict(lora_weights), path,
-                                  {**lora_weights.metadata, "blora.checkpoint_step": str(state.step)})
-    return path
+    files.save_safetensors_atomic(tensors, sidecar, metadata)
+    for path, (state_dict, lora_metadata) in lora_files.items():
+        files.save_safetensors_atomic(state_dict, path, {**lora_metadata, "blora.checkpoint_step": str(state.step)})
 
 
-def load_checkpoint(path: Path, fingerprint: dict[str, str]) -> tuple[lora_format.LoraWeights, TrainingState]:
-    """The LoRA and training state saved at ``path``; a clear error if they do not fit this run."""
-    sidecar = trainstate_path(path)
-    if not path.is_file() or not sidecar.is_file():
+def load_checkpoint(sidecar: Path, fingerprint: dict[str, str]) -> tuple[dict[str, torch.Tensor], TrainingState]:
+    """The trained module's state dict and the training state; a clear error if the checkpoint
+    is missing or from another setup."""
+    if not sidecar.is_file():
         raise FileNotFoundError(
-            f"No checkpoint to resume from: {path.name} and {sidecar.name} must both exist in {path.parent}. "
+            f"No checkpoint to resume from: {sidecar.name} is not in {sidecar.parent}. "
             "Turn 'resume' off to start a new training run."
         )
-    weights = lora_format.read_lora_file(path)
     with safe_open(str(sidecar), framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -61,20 +64,21 @@ def load_checkpoint(path: Path, fingerprint: dict[str, str]) -> tuple[lora_forma
     differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if differing:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in differing)
-        raise ValueError(f"The checkpoint {path.name} is from a different training setup ({details}). "
+        raise ValueError(f"The checkpoint {sidecar.name} is from a different training setup ({details}). "
                          "Use the same settings to resume, or turn 'resume' off to start over.")
-    step = int(metadata["step"])
-    if weights.metadata.get("blora.checkpoint_step") != str(step):
-        raise ValueError(f"{path.name} and {sidecar.name} are from different steps; the checkpoint is incomplete.")
     optimizer: dict[int, dict[str, torch.Tensor]] = {}
+    trainable = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             optimizer.setdefault(int(index), {})[name] = value
-    state = TrainingState(step, tensors["losses"].tolist(), optimizer, json.loads(metadata.get("scaler", "{}")))
-    return weights, state
+        elif key.startswith("trainable."):
+            trainable[key[len("trainable."):]] = value
+    state = TrainingState(int(metadata["step"]), tensors["losses"].tolist(), optimizer,
+                          json.loads(metadata.get("scaler", "{}")))
+    return trainable, state
 
 
-def remove_checkpoint(path: Path) -> None:
-    trainstate_path(path).unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
+def remove_checkpoint(sidecar: Path, lora_files) -> None:
+    for path in [sidecar, *lora_files]:
+        Path(path).unlink(missing_ok=True)

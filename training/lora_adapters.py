@@ -67,11 +67,3 @@ class LoraAdapterSet(nn.Module):
             layers[path] = LoraLayer(down=adapter.down.detach().float().cpu().clone(),
                                      up=adapter.up.detach().float().cpu().clone(), alpha=alpha)
         return LoraWeights(layers, dict(metadata or {}))
-
-    def load_lora_weights(self, weights: LoraWeights) -> None:
-        if set(weights.layers) != set(self.paths):
-            raise ValueError("the saved LoRA targets other layers than this training run")
-        with torch.no_grad():
-            for path, adapter in self.items():
-                adapter.down.copy_(weights.layers[path].down)
-                adapter.up.copy_(weights.layers[path].up)

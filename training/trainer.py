@@ -70,21 +70,48 @@ class TrainingHooks:
     save_checkpoint: Callable[[TrainingState], None] = lambda state: None
 
 
-def make_optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+class TrainingMethod:
+    """What a method adds to the plain denoising step; this base is plain LoRA (B-LoRA).
+
+    Subclasses (UnZipLoRA) add parameter groups, a loss term and work around the update."""
+
+    def __init__(self, trainable: torch.nn.Module, learning_rate: float):
+        self.trainable = trainable
+        self.learning_rate = learning_rate
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.trainable.parameters() if p.requires_grad], "lr": self.learning_rate}]
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """Runs on unscaled gradients, before clipping."""
+
+    def after_update(self, step: int) -> None:
+        pass
+
+
+def make_optimizer(parameter_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+        parameter_groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
         weight_decay=config.weight_decay, fused=device.type == "cuda",
     )
 
 
-def train(adapters: torch.nn.Module, predict, latents: torch.Tensor, alphas_cumprod: torch.Tensor,
+def train(trainable: torch.nn.Module, predict, latents: torch.Tensor, alphas_cumprod: torch.Tensor,
           config: TrainConfig, hooks: TrainingHooks | None = None,
-          resume: TrainingState | None = None) -> TrainingState:
-    """Train ``adapters`` to denoise ``latents`` (N, C, H, W); one image per step, batch 1."""
+          resume: TrainingState | None = None, method: TrainingMethod | None = None) -> TrainingState:
+    """Train ``trainable`` to denoise ``latents`` (N, C, H, W); one image per step, batch 1."""
     hooks = hooks or TrainingHooks()
+    method = method or TrainingMethod(trainable, config.learning_rate)
     device = latents.device
-    params = [p for p in adapters.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config, device)
+    groups = method.parameter_groups()
+    params = [p for group in groups for p in group["params"]]
+    optimizer = make_optimizer(groups, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     state = TrainingState()
     if resume is not None:
@@ -105,19 +132,25 @@ def train(adapters: torch.nn.Module, predict, latents: torch.Tensor, alphas_cump
         for step in range(state.step, config.steps):
             hooks.check_interrupt()
             began = time.perf_counter()
+            method.before_step(step)
             draw = draw_step(config.seed, step, latents.shape[0], latents[:1].shape)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = denoising_loss(predict, latents[draw.index:draw.index + 1], draw, alphas_cumprod,
                                       config.prediction)
+                extra = method.extra_loss(step)
+                if extra is not None:
+                    loss = loss + extra
             finite = bool(torch.isfinite(loss))
             if finite:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
+                method.after_backward(step)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 finite = bool(torch.isfinite(grad_norm))
                 if finite or scaler.is_enabled():
                     scaler.step(optimizer)  # with fp16 the scaler itself skips overflowing steps
                     scaler.update()
+                    method.after_update(step)
             optimizer.zero_grad(set_to_none=True)
             bad_steps = 0 if finite else bad_steps + 1
             if bad_steps > config.max_bad_steps:

@@ -1,0 +1,257 @@
+"""UnZipLoRA: a content LoRA and a style LoRA trained jointly, kept apart three ways.
+
+Written from the official code (changLiu77/UnZipLoRA, ``unziplora_linear_layer.py`` and the
+loop in ``train_unziplora.py``); ``../shared/reference/unziplora.md`` has every detail.
+
+- **Prompts**: in cross-attention ``to_k``/``to_v`` the base weight sees the combined prompt,
+  the content LoRA the content prompt, the style LoRA the style prompt.
+- **Columns** (output features, rows of ``up``): each period, the columns whose importance
+  ("cone": fraction of input rows with ``|W * G| > threshold``) is in the top ``column_ratio``
+  are added to a binary mask; the style LoRA avoids the content LoRA's columns. Learnable
+  mergers (one weight per column, clamped to [0, 1]) train only where the masks overlap, and
+  a 0.5-weighted overlap term pushes them apart.
+- **Blocks**: in style-sensitive blocks the style LoRA uses every column (only content is
+  sparse), in content-sensitive blocks the other way round; elsewhere both are sparse.
+
+Column choice and precision: the official script scores columns on fp16 gradients still
+multiplied by the gradient scaler's loss scale (2^16 at the start), against 1e-5. This pack
+scores unscaled gradients against ``1e-5 / 2^16``, so fp16, bf16 and fp32 runs pick the
+columns the official run picks while its scale is at the initial 2^16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core import sdxl_unet
+
+CONE_THRESHOLD = 1e-5
+OFFICIAL_INITIAL_LOSS_SCALE = 2.0 ** 16
+UNSCALED_CONE_THRESHOLD = CONE_THRESHOLD / OFFICIAL_INITIAL_LOSS_SCALE
+ROLES = ("content", "style")
+
+SPARSE_ONLY = {
+    # blocks only in the official style dictionary: style sparse, content uses every column
+    "output_blocks.0.1": "style", "output_blocks.2.1": "style",
+    # blocks only in the official content dictionary: content sparse, style uses every column
+    "output_blocks.1.1": "content", "output_blocks.3.1": "content", "output_blocks.4.1": "content",
+    "output_blocks.5.1": "content",
+}
+"""Block separation (``--with_freeze_unet``, on by default): the LoRA that gets a sparse mask
+in each block; blocks not listed (down path, middle) are shared: both sparse."""
+
+
+@dataclass(frozen=True)
+class UnZipConfig:
+    sample_times: int = 3
+    column_ratio: float = 0.1
+    merger_learning_rate: float = 5e-3
+    style_learning_rate: float = 5e-5
+    overlap_weight: float = 0.5
+    prompt_separation: bool = True
+    column_separation: bool = True
+    block_separation: bool = True
+    avoid_content_columns: bool = True
+
+    def __post_init__(self):
+        if self.sample_times < 1:
+            raise ValueError(f"sample_times must be at least 1, got {self.sample_times}.")
+        if not 0 < self.column_ratio <= 1:
+            raise ValueError(f"column_ratio must be in (0, 1], got {self.column_ratio}.")
+
+
+class UnZipLayer(nn.Module):
+    """The two LoRAs of one linear layer, their mergers and column masks."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, sparse_only: str | None = None):
+        super().__init__()
+        for role in ROLES:
+            setattr(self, f"{role}_down", nn.Parameter(torch.zeros(rank, in_features)))
+            setattr(self, f"{role}_up", nn.Parameter(torch.zeros(out_features, rank)))
+            setattr(self, f"merge_{role}", nn.Parameter(torch.ones(out_features)))
+            self.register_buffer(f"mask_{role}", torch.zeros(out_features, dtype=torch.bool))
+        self.sparse_only = sparse_only
+        self.masked = False
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Official init: both factors of both LoRAs ~ normal(std 1/rank), mergers 1."""
+        with torch.no_grad():
+            for role in ROLES:
+                for part in ("down", "up"):
+                    param = getattr(self, f"{role}_{part}")
+                    param.copy_(torch.randn(param.shape, generator=generator) / self.content_down.shape[0])
+
+    def factors(self, role: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, f"{role}_down"), getattr(self, f"{role}_up")
+
+    def column_weights(self, role: str) -> torch.Tensor:
+        """Per output feature: merger, times the binary mask while masking is on."""
+        merger = getattr(self, f"merge_{role}")
+        return merger * getattr(self, f"mask_{role}") if self.masked else merger
+
+    def delta(self, role: str) -> torch.Tensor:
+        """(out, in) weight change of one LoRA, columns weighted."""
+        down, up = self.factors(role)
+        return (up @ down) * self.column_weights(role)[:, None]
+
+    def lora_output(self, inputs: torch.Tensor, role: str) -> torch.Tensor:
+        return inputs @ self.delta(role).to(inputs.dtype).t()
+
+    def merger_overlap(self) -> torch.Tensor:
+        """Mean |m_c b_c * m_s b_s| (without the masks before masking starts)."""
+        return (self.column_weights("content") * self.column_weights("style")).abs().mean()
+
+    def column_scores(self, role: str, threshold: float) -> torch.Tensor:
+        """Per output feature, the fraction of input rows where |W * G| > threshold, with W the
+        LoRA's product and G its gradient (product rule over both factors, times the merger)."""
+        down, up = self.factors(role)
+        merger = getattr(self, f"merge_{role}")
+        weight = down.detach().t() @ up.detach().t()
+        gradient = torch.zeros_like(weight)
+        if down.grad is not None:
+            gradient += down.grad.t() @ up.detach().t()
+        if up.grad is not None:
+            gradient += down.detach().t() @ up.grad.t()
+        gradient = gradient * merger.detach()
+        if merger.grad is not None:
+            gradient += weight * merger.grad
+        return ((weight * gradient).abs() > threshold).float().mean(dim=0)
+
+    def select_columns(self, column_ratio: float, threshold: float, avoid: bool) -> None:
+        """Grow the masks with this step's most important columns (strictly above the k-th
+        score, as the official code; masks only grow)."""
+        count = int(self.mask_content.shape[0] * column_ratio)
+
+        def top(scores: torch.Tensor) -> torch.Tensor:
+            if count == 0:
+                return torch.zeros_like(scores, dtype=torch.bool)
+            return scores > torch.topk(scores, count).values.min()
+
+        scores = {role: self.column_scores(role, threshold) for role in ROLES}
+        if self.sparse_only is None:
+            self.mask_content |= top(scores["content"])
+            style_scores = scores["style"].clone()
+            if avoid:
+                style_scores[self.mask_content] = float("-inf")
+            self.mask_style |= top(style_scores)
+        else:
+            sparse = self.sparse_only
+            full = "content" if sparse == "style" else "style"
+            mask = getattr(self, f"mask_{sparse}")
+            mask |= top(scores[sparse])
+            getattr(self, f"mask_{full}").fill_(True)
+        self.masked = True
+
+    def keep_merger_gradients_on_overlap(self) -> None:
+        overlap = self.mask_content & self.mask_style
+        for role in ROLES:
+            merger = getattr(self, f"merge_{role}")
+            if merger.grad is not None:
+                merger.grad *= overlap
+
+    def clamp_mergers(self) -> None:
+        with torch.no_grad():
+            for role in ROLES:
+                getattr(self, f"merge_{role}").clamp_(0, 1)
+
+    def saved_factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) as saved: the binary mask baked into up's rows, the merger kept apart."""
+        down, up = self.factors(role)
+        mask = getattr(self, f"mask_{role}").to(up.dtype)
+        return down.detach().float().cpu().clone(), (up.detach() * mask[:, None]).float().cpu().clone()
+
+
+class UnZipLinear(nn.Module):
+    """A frozen linear layer plus its two LoRAs: ``W0 x + ΔW_c x_c + ΔW_s x_s``.
+
+    ``content_input`` / ``style_input`` (the content and style prompts' token embeddings) replace
+    the layer's input for that LoRA: prompt separation, used on cross-attention ``to_k``/``to_v``.
+    """
+
+    def __init__(self, base: nn.Module, layer: UnZipLayer, content_input: torch.Tensor | None = None,
+                 style_input: torch.Tensor | None = None):
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.content_input = content_input
+        self.style_input = style_input
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        content_in = inputs if self.content_input is None else self.content_input.to(inputs.dtype).expand_as(inputs)
+        style_in = inputs if self.style_input is None else self.style_input.to(inputs.dtype).expand_as(inputs)
+        output = self.base(inputs)
+        return output + (self.layer.lora_output(content_in, "content") + self.layer.lora_output(style_in, "style")).to(output.dtype)
+
+
+def sparse_only_for(path: str, config: UnZipConfig) -> str | None:
+    return SPARSE_ONLY.get(sdxl_unet.block_of(path)) if config.block_separation else None
+
+
+def period_length(steps: int, config: UnZipConfig) -> int:
+    return math.ceil(steps / config.sample_times)
+
+
+def masked_at(step: int, steps: int, config: UnZipConfig) -> bool:
+    """Whether the forward of ``step`` (0-based) uses masks and trains mergers: not at step 0,
+    nor right after a period starts (masks are dropped, then re-chosen from that step's grads)."""
+    if not config.column_separation:
+        return False
+    period = period_length(steps, config)
+    return not (step == 0 or step % period == 1)
+
+
+class UnZipMethod:
+    """The UnZipLoRA parts of a training step, as a ``trainer.TrainingMethod``."""
+
+    def __init__(self, layers: dict[str, UnZipLayer], steps: int, learning_rate: float, config: UnZipConfig):
+        self.layers = layers
+        self.steps = steps
+        self.learning_rate = learning_rate
+        self.config = config
+        self.modules = nn.ModuleList(layers[p] for p in sorted(layers))
+
+    def parameter_groups(self) -> list[dict]:
+        layers = list(self.modules)
+        return [
+            {"params": [p for l in layers for p in l.factors("content")], "lr": self.learning_rate},
+            {"params": [p for l in layers for p in l.factors("style")], "lr": self.config.style_learning_rate},
+            {"params": [getattr(l, f"merge_{r}") for l in layers for r in ROLES], "lr": self.config.merger_learning_rate},
+        ]
+
+    def before_step(self, step: int) -> None:
+        masked = masked_at(step, self.steps, self.config)
+        for layer in self.modules:
+            layer.masked = masked
+            for role in ROLES:
+                getattr(layer, f"merge_{role}").requires_grad_(masked)
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        if not masked_at(step, self.steps, self.config) or self.config.overlap_weight == 0:
+            return None
+        return self.config.overlap_weight * torch.stack([l.merger_overlap() for l in self.modules]).mean()
+
+    def after_backward(self, step: int) -> None:
+        """On unscaled gradients, before clipping: choose columns or limit merger gradients."""
+        if not self.config.column_separation:
+            return
+        period = period_length(self.steps, self.config)
+        if step % period == 1:
+            with torch.no_grad():
+                for layer in self.modules:
+                    layer.select_columns(self.config.column_ratio, UNSCALED_CONE_THRESHOLD, self.config.avoid_content_columns)
+        elif masked_at(step, self.steps, self.config):
+            for layer in self.modules:
+                layer.keep_merger_gradients_on_overlap()
+
+    def after_update(self, step: int) -> None:
+        for layer in self.modules:
+            layer.clamp_mergers()
+
+    def finish(self) -> None:
+        """The saved state is the masked one, as the official script saves it."""
+        for layer in self.modules:
+            layer.masked = self.config.column_separation
