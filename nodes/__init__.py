@@ -7,8 +7,9 @@ from comfy_api.latest import ComfyExtension, io
 from .loaders import LoadContentLoRA, LoadStyleLoRA
 from .train import TrainBLoRA
 from .unzip_merge import UnZipColumnMaskMerge
+from .unzip_train import TrainUnZipLoRA
 
 
 class BLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA, UnZipColumnMaskMerge]
+        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA, UnZipColumnMaskMerge, TrainUnZipLoRA]

@@ -21,12 +21,12 @@ def _server():
 
 
 class TrainingProgress:
-    def __init__(self, total: int, node_id: str | None, start: int = 0):
+    def __init__(self, label: str, total: int, node_id: str | None, start: int = 0):
         self.total = total
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.bar.update_absolute(start, total)
-        self.console = tqdm(total=total, initial=start, desc="Train B-LoRA", unit="step")
+        self.console = tqdm(total=total, initial=start, desc=label, unit="step")
         self.seconds_per_step = None
 
     def on_step(self, step: int, total: int, loss: float, seconds: float) -> None:
@@ -51,4 +51,4 @@ class TrainingProgress:
                     self.node_id,
                 )
         except Exception as error:  # the UI is a convenience; training must not stop for it
-            logging.debug("Train B-LoRA: progress event not sent: %s", error)
+            logging.debug("%s: progress event not sent: %s", self.console.desc, error)

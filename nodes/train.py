@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from pathlib import Path
 
@@ -18,17 +16,9 @@ from ..training import checkpoint, recipes
 from ..training.lora_adapters import LoraAdapterSet
 from ..training.trainer import PRECISIONS, TrainConfig
 from . import host_model, host_training
-from .training_run import TrainingRun
+from .training_run import TrainingRun, file_metadata, precision_for
 
 CATEGORY = "B-LoRA"
-PACK_VERSION = "0.1.0"
-
-
-def _precision_for(device, precision: str) -> str:
-    if device.type == "cpu" and precision == "fp16":
-        logging.warning("Train B-LoRA: fp16 autocast needs a GPU; training in fp32 on the CPU.")
-        return "fp32"
-    return precision
 
 
 class TrainBLoRA(io.ComfyNode):
@@ -111,27 +101,13 @@ class TrainBLoRA(io.ComfyNode):
         adapters.reset(seed)
         device = comfy.model_management.get_torch_device()
         config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed,
-                             precision=_precision_for(device, precision), checkpoint_every=checkpoint_every,
+                             precision=precision_for(device, precision), checkpoint_every=checkpoint_every,
                              prediction=host_training.prediction_type(model))
         blocks = sorted({sdxl_unet.block_of(p) for p in shapes})
-        metadata = {
-            "blora.method": "B-LoRA" if chosen is recipes.B_LORA else "LoRA",
-            "blora.recipe": chosen.name,
-            "blora.blocks": json.dumps(blocks),
-            "blora.rank": str(rank),
-            "blora.alpha": str(rank if lora_alpha is None else lora_alpha),
-            "blora.steps": str(steps),
-            "blora.learning_rate": str(learning_rate),
-            "blora.seed": str(seed),
-            "blora.precision": config.precision,
-            "blora.prompt": prompt,
-            "blora.base_model_sha256": host_training.base_weights_sha256(model, shapes),
-            "blora.pack_version": PACK_VERSION,
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(rank if lora_alpha is None else lora_alpha),
-            "ss_base_model_version": "sdxl_base_v1-0",
-        }
+        alpha_value = float(rank if lora_alpha is None else lora_alpha)
+        metadata = file_metadata("B-LoRA" if chosen is recipes.B_LORA else "LoRA", chosen.name, blocks, rank,
+                                 alpha_value, steps, learning_rate, seed, config.precision, prompt,
+                                 host_training.base_weights_sha256(model, shapes))
         fingerprint = {"recipe": chosen.name, "rank": str(rank), "alpha": str(lora_alpha), "seed": str(seed),
                        "images": str(samples.shape[0]), "base_model_sha256": metadata["blora.base_model_sha256"]}
         checkpoint_file = checkpoint.checkpoint_path(final_path)
@@ -141,7 +117,7 @@ class TrainBLoRA(io.ComfyNode):
 
         run = TrainingRun(model, samples, conditionings, adapters, config, final_path, fingerprint, checkpoint_files,
                           weight_wrappers=dict(adapters.items()))
-        state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume)
+        state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train B-LoRA")
         trained = adapters.to_lora_weights({**metadata, "blora.created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         saved = _save_outputs(trained, final_path, export_diffusers)
         run.remove_checkpoint()

@@ -3,6 +3,7 @@ the training clone, and the run itself. Each node brings its trainable module an
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import comfy.model_management
 from ..training import checkpoint
 from ..training.trainer import TrainConfig, TrainingHooks, TrainingMethod, TrainingState, train
 from . import host_training, progress
+
+PACK_VERSION = "0.1.0"
 
 
 @dataclass
@@ -36,7 +39,7 @@ class TrainingRun:
     def sidecar(self) -> Path:
         return checkpoint.trainstate_path(self.final_path)
 
-    def run(self, node_id: str | None, resume: bool) -> TrainingState:
+    def run(self, node_id: str | None, resume: bool, label: str) -> TrainingState:
         resume_state = None
         if resume:
             trainable_state, resume_state = checkpoint.load_checkpoint(self.sidecar, self.fingerprint)
@@ -49,7 +52,7 @@ class TrainingRun:
             checkpoint.save_checkpoint(self.trainable, state, self.sidecar, self.fingerprint, self.checkpoint_files())
             logging.info("Training: checkpoint at step %d saved beside %s", state.step, self.final_path)
 
-        reporter = progress.TrainingProgress(self.config.steps, node_id, start=resume_state.step if resume_state else 0)
+        reporter = progress.TrainingProgress(label, self.config.steps, node_id, start=resume_state.step if resume_state else 0)
         hooks = TrainingHooks(on_step=reporter.on_step,
                               check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                               save_checkpoint=save_checkpoint)
@@ -61,3 +64,33 @@ class TrainingRun:
 
     def remove_checkpoint(self) -> None:
         checkpoint.remove_checkpoint(self.sidecar, self.checkpoint_files())
+
+
+def file_metadata(method: str, recipe: str, blocks: list[str], rank: int, alpha: float, steps: int,
+                  learning_rate: float, seed: int, precision: str, prompt: str, base_sha256: str) -> dict[str, str]:
+    """What a trained file says about itself (safetensors metadata: strings only)."""
+    return {
+        "blora.method": method,
+        "blora.recipe": recipe,
+        "blora.blocks": json.dumps(blocks),
+        "blora.rank": str(rank),
+        "blora.alpha": f"{alpha:g}",
+        "blora.steps": str(steps),
+        "blora.learning_rate": str(learning_rate),
+        "blora.seed": str(seed),
+        "blora.precision": precision,
+        "blora.prompt": prompt,
+        "blora.base_model_sha256": base_sha256,
+        "blora.pack_version": PACK_VERSION,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": "sdxl_base_v1-0",
+    }
+
+
+def precision_for(device, precision: str) -> str:
+    if device.type == "cpu" and precision == "fp16":
+        logging.warning("Training: fp16 autocast needs a GPU; training in fp32 on the CPU.")
+        return "fp32"
+    return precision

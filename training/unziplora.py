@@ -56,6 +56,8 @@ class UnZipConfig:
     column_separation: bool = True
     block_separation: bool = True
     avoid_content_columns: bool = True
+    cone_threshold: float = UNSCALED_CONE_THRESHOLD
+    """On unscaled gradients; see the module docstring."""
 
     def __post_init__(self):
         if self.sample_times < 1:
@@ -159,10 +161,12 @@ class UnZipLayer(nn.Module):
                 getattr(self, f"merge_{role}").clamp_(0, 1)
 
     def saved_factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) as saved: the binary mask baked into up's rows, the merger kept apart."""
-        down, up = self.factors(role)
-        mask = getattr(self, f"mask_{role}").to(up.dtype)
-        return down.detach().float().cpu().clone(), (up.detach() * mask[:, None]).float().cpu().clone()
+        """(down, up) as saved: the binary mask baked into up's rows while masking is on (as the
+        official files), the merger kept apart."""
+        down, up = (p.detach().float().cpu() for p in self.factors(role))
+        if self.masked:
+            up = up * getattr(self, f"mask_{role}").float().cpu()[:, None]
+        return down.clone(), up.clone()
 
 
 class UnZipLinear(nn.Module):
@@ -181,8 +185,8 @@ class UnZipLinear(nn.Module):
         self.style_input = style_input
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        content_in = inputs if self.content_input is None else self.content_input.to(inputs.dtype).expand_as(inputs)
-        style_in = inputs if self.style_input is None else self.style_input.to(inputs.dtype).expand_as(inputs)
+        content_in = inputs if self.content_input is None else self.content_input.to(inputs).expand_as(inputs)
+        style_in = inputs if self.style_input is None else self.style_input.to(inputs).expand_as(inputs)
         output = self.base(inputs)
         return output + (self.layer.lora_output(content_in, "content") + self.layer.lora_output(style_in, "style")).to(output.dtype)
 
@@ -242,7 +246,8 @@ class UnZipMethod:
         if step % period == 1:
             with torch.no_grad():
                 for layer in self.modules:
-                    layer.select_columns(self.config.column_ratio, UNSCALED_CONE_THRESHOLD, self.config.avoid_content_columns)
+                    layer.select_columns(self.config.column_ratio, self.config.cone_threshold,
+                                         self.config.avoid_content_columns)
         elif masked_at(step, self.steps, self.config):
             for layer in self.modules:
                 layer.keep_merger_gradients_on_overlap()
