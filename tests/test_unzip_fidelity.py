@@ -1,0 +1,227 @@
+"""UnZipLoRA training against a reference written from the method's equations.
+
+The reference runs on the diffusers twin of the tiny UNet, with forward hooks adding
+``x_c ΔW_c^T + x_s ΔW_s^T`` to every attention projection (``ΔW = (B A) * (m ⊙ b)`` per output
+feature, content/style prompts on cross-attention k/v), and re-implements the period schedule,
+the column scores (fraction of input rows with |W ⊙ G| > threshold, G from the product rule),
+top-k selection with style avoiding content columns, the block roles, the 0.5-weighted overlap
+term, merger gradients limited to the overlap, clipping, AdamW with three groups and the clamp.
+One full period (steps 0-2 with period 2) must give the same losses, gradients, columns and
+parameters as the pack on the ComfyUI model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_models
+
+RANK, SEED, STEPS_PLANNED, SAMPLE_TIMES, RATIO, THRESHOLD = 64, 5, 6, 3, 0.25, 5e-8
+LR_CONTENT, LR_STYLE, LR_MERGER, OVERLAP_WEIGHT = 1e-3, 2e-3, 5e-2, 0.5
+LEARNING_RATE_OF = {"content_down": LR_CONTENT, "content_up": LR_CONTENT, "style_down": LR_STYLE,
+                    "style_up": LR_STYLE, "merge_content": LR_MERGER, "merge_style": LR_MERGER}
+CONTENT_FULL = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.2")
+STYLE_FULL = ("up_blocks.0.attentions.1", "up_blocks.1.attentions.")
+
+
+class Reference:
+    """The method from its equations, on diffusers' UNet."""
+
+    def __init__(self, unet, initial, to_diffusers, contexts):
+        self.unet, self.contexts = unet, contexts
+        self.params = {}
+        for path, values in initial.items():
+            name = to_diffusers(path)
+            leaf = {k: v.clone().requires_grad_(True) for k, v in values.items()}
+            leaf["mask_content"] = torch.zeros(values["content_up"].shape[0], dtype=torch.bool)
+            leaf["mask_style"] = torch.zeros_like(leaf["mask_content"])
+            leaf["sparse_only"] = "style" if name.startswith(CONTENT_FULL) else "content" if name.startswith(STYLE_FULL) else None
+            self.params[name] = leaf
+            unet.get_submodule(name).register_forward_hook(self.hook(name))
+        self.masked = False
+
+    def delta(self, p, role):
+        weight = p[f"merge_{role}"] * (p[f"mask_{role}"].float() if self.masked else 1.0)
+        return (p[f"{role}_up"] @ p[f"{role}_down"]) * weight[:, None]
+
+    def hook(self, name):
+        separated = name.endswith(("attn2.to_k", "attn2.to_v"))
+
+        def add_loras(module, inputs, output):
+            p = self.params[name]
+            x = inputs[0]
+            x_c = self.contexts["content"] if separated else x
+            x_s = self.contexts["style"] if separated else x
+            return output + F.linear(x_c, self.delta(p, "content")) + F.linear(x_s, self.delta(p, "style"))
+
+        return add_loras
+
+    def overlap(self):
+        terms = [((p["merge_content"] * p["mask_content"]) * (p["merge_style"] * p["mask_style"])).abs().mean()
+                 for p in self.params.values()]
+        return torch.stack(terms).mean()
+
+    def select(self):
+        for p in self.params.values():
+            scores = {}
+            for role in ("content", "style"):
+                down, up, merge = p[f"{role}_down"], p[f"{role}_up"], p[f"merge_{role}"]
+                w = down.detach().T @ up.detach().T
+                g = (down.grad.T @ up.detach().T + down.detach().T @ up.grad.T) * merge.detach()
+                scores[role] = ((w * g).abs() > THRESHOLD).float().mean(0)
+            k = int(len(scores["content"]) * RATIO)
+
+            def top(s):
+                return s > torch.topk(s, k).values.min()
+
+            if p["sparse_only"] is None:
+                p["mask_content"] |= top(scores["content"])
+                style = scores["style"].clone()
+                style[p["mask_content"]] = float("-inf")
+                p["mask_style"] |= top(style)
+            else:
+                sparse = p["sparse_only"]
+                full = "content" if sparse == "style" else "style"
+                p[f"mask_{sparse}"] |= top(scores[sparse])
+                p[f"mask_{full}"][:] = True
+
+    def train(self, x0, draws, y_inputs, combined, steps):
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+        groups = [{"params": [p[k] for p in self.params.values() for k in ("content_down", "content_up")], "lr": LR_CONTENT},
+                  {"params": [p[k] for p in self.params.values() for k in ("style_down", "style_up")], "lr": LR_STYLE},
+                  {"params": [p[k] for p in self.params.values() for k in ("merge_content", "merge_style")], "lr": LR_MERGER}]
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+        period = -(-STEPS_PLANNED // SAMPLE_TIMES)
+        losses = []
+        for step in range(steps):
+            self.masked = not (step == 0 or step % period == 1)
+            for p in self.params.values():
+                for role in ("content", "style"):
+                    p[f"merge_{role}"].requires_grad_(self.masked)
+            draw = draws[step]
+            timesteps = torch.tensor([draw.timestep])
+            noisy = scheduler.add_noise(x0, draw.noise, timesteps)
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=combined, added_cond_kwargs=y_inputs).sample
+            loss = F.mse_loss(prediction.float(), draw.noise.float())
+            if self.masked:
+                loss = loss + OVERLAP_WEIGHT * self.overlap()
+            loss.backward()
+            if step % period == 1:
+                with torch.no_grad():
+                    self.select()
+            elif self.masked:
+                for p in self.params.values():
+                    for role in ("content", "style"):
+                        p[f"merge_{role}"].grad *= p["mask_content"] & p["mask_style"]
+            torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p in self.params.values():
+                    p["merge_content"].clamp_(0, 1)
+                    p["merge_style"].clamp_(0, 1)
+            losses.append(loss.item())
+        return losses
+
+
+def test_one_period_equals_the_reference(host, tiny_sdxl):
+    recipes = host.pack("training.recipes")
+    host_training = host.pack("nodes.host_training")
+    diffusion = host.pack("training.diffusion")
+    trainer = host.pack("training.trainer")
+    sdxl_unet = host.pack("core.sdxl_unet")
+    unziplora = host.pack("training.unziplora")
+
+    latents, positive = tiny_models.image_and_prompt(0)
+    _, content_prompt = tiny_models.image_and_prompt(100)
+    _, style_prompt = tiny_models.image_and_prompt(200)
+    contexts = {"content": content_prompt[0][0], "style": style_prompt[0][0]}
+    settings = unziplora.UnZipConfig(sample_times=SAMPLE_TIMES, column_ratio=RATIO, merger_learning_rate=LR_MERGER,
+                                     style_learning_rate=LR_STYLE, overlap_weight=OVERLAP_WEIGHT, cone_threshold=THRESHOLD)
+    shapes = host_training.target_shapes(tiny_sdxl, recipes.ALL_ATTENTION)
+    layers = {p: unziplora.UnZipLayer(*shapes[p], RANK, unziplora.sparse_only_for(p, settings)) for p in sorted(shapes)}
+    generator = torch.Generator().manual_seed(SEED)
+    for path in sorted(layers):
+        layers[path].reset(generator)
+    initial = {path: {k: v.detach().clone() for k, v in layer.named_parameters()} for path, layer in layers.items()}
+    method = unziplora.UnZipMethod(layers, STEPS_PLANNED, LR_CONTENT, settings)
+
+    x0 = host_training.training_latents(tiny_sdxl, latents)
+    conditionings = host_training.conditioning_per_image(tiny_sdxl, positive, 1)
+    draws = [diffusion.draw_step(SEED, step, 1, x0.shape) for step in range(3)]
+
+    unet = tiny_models.diffusers_unet_from(tiny_sdxl)
+    unet.requires_grad_(False)
+    reference = Reference(unet, initial, sdxl_unet.ldm_to_diffusers, contexts)
+    y_inputs = {"text_embeds": positive[0][1]["pooled_output"],
+                "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
+
+    def wrap(path):
+        separated = path.endswith(("attn2.to_k", "attn2.to_v"))
+        return lambda base: unziplora.UnZipLinear(base, layers[path], contexts["content"] if separated else None,
+                                                  contexts["style"] if separated else None)
+
+    with host_training.training_model(tiny_sdxl, method.modules, module_wrappers={p: wrap(p) for p in layers}) as (clone, device):
+        predict = host_training.unet_predict(clone, conditionings, device)
+        schedule = host_training.noise_schedule(clone)
+        method.before_step(0)
+        loss = diffusion.denoising_loss(predict, x0, draws[0], schedule)
+        loss.backward()
+        ours_grads = {p: {k: v.grad.clone() for k, v in l.named_parameters() if v.grad is not None} for p, l in layers.items()}
+        method.modules.zero_grad(set_to_none=True)
+        state = trainer.train(method.modules, predict, x0, schedule,
+                              trainer.TrainConfig(steps=3, learning_rate=LR_CONTENT, seed=SEED), method=method)
+
+    # step 0's gradients, through the other UNet and the hooks
+    reference.masked = False
+    prediction = unet(diffusers_noisy(x0, draws[0]), torch.tensor([draws[0].timestep]), encoder_hidden_states=positive[0][0],
+                      added_cond_kwargs=y_inputs).sample
+    reference_loss = F.mse_loss(prediction.float(), draws[0].noise.float())
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-4, atol=1e-7)  # the two UNets agree to ~3e-5
+    for path, grads in ours_grads.items():
+        p = reference.params[sdxl_unet.ldm_to_diffusers(path)]
+        assert set(grads) == {"content_down", "content_up", "style_down", "style_up"}
+        for name, grad in grads.items():
+            scale = p[name].grad.abs().max()
+            assert (grad - p[name].grad).abs().max() <= 1e-4 * scale, (path, name)
+        for name in list(p):
+            if isinstance(p[name], torch.Tensor) and p[name].grad is not None:
+                p[name].grad = None
+
+    reference_losses = reference.train(x0, draws, y_inputs, positive[0][0], 3)
+    assert state.losses == pytest.approx(reference_losses, rel=1e-4)
+    selected = mismatched = columns = identical = 0
+    for path, layer in layers.items():
+        p = reference.params[sdxl_unet.ldm_to_diffusers(path)]
+        for role in ("content", "style"):
+            ours_mask, reference_mask = getattr(layer, f"mask_{role}").cpu(), p[f"mask_{role}"]
+            selected += int(reference_mask.sum())
+            mismatched += int((ours_mask != reference_mask).sum())
+            columns += reference_mask.numel()
+            identical += int(torch.equal(ours_mask, reference_mask))
+        if not all(torch.equal(getattr(layer, f"mask_{r}").cpu(), p[f"mask_{r}"]) for r in ("content", "style")):
+            continue  # its masked forward differs by a column, so its step-2 update does too
+        for name, lr in LEARNING_RATE_OF.items():
+            # three AdamW steps move an element by about 3 lr; rounding decides the sign where a
+            # gradient is within a few eps of zero, so most (not all) elements agree to 1% of lr
+            difference = (getattr(layer, name).detach().cpu() - p[name].detach()).abs()
+            assert (difference <= 0.01 * lr).float().mean() >= 0.97, (path, name)
+            assert difference.max() <= 2.01 * 3 * lr, (path, name)
+    # scores count rows above a threshold: a row within float noise of it can move one column
+    # across the top-k boundary, so a few columns may differ between the two UNets
+    assert identical >= 0.9 * 2 * len(layers), f"{identical} of {2 * len(layers)} masks identical"
+    assert mismatched <= 0.01 * columns, f"{mismatched} of {columns} columns chosen differently"
+    assert 0.05 * columns < selected < 0.5 * columns
+    assert any(not torch.all(l.merge_content == 1) for l in layers.values()), "mergers trained"
+
+
+def diffusers_noisy(x0, draw):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    return scheduler.add_noise(x0, draw.noise, torch.tensor([draw.timestep]))
