@@ -29,8 +29,8 @@ STYLE_FULL = ("up_blocks.0.attentions.1", "up_blocks.1.attentions.")
 class Reference:
     """The method from its equations, on diffusers' UNet."""
 
-    def __init__(self, unet, initial, to_diffusers, contexts):
-        self.unet, self.contexts = unet, contexts
+    def __init__(self, unet, initial, to_diffusers, contexts, period=-(-STEPS_PLANNED // SAMPLE_TIMES)):
+        self.unet, self.contexts, self.period = unet, contexts, period
         self.params = {}
         for path, values in initial.items():
             name = to_diffusers(path)
@@ -95,7 +95,7 @@ class Reference:
                   {"params": [p[k] for p in self.params.values() for k in ("style_down", "style_up")], "lr": LR_STYLE},
                   {"params": [p[k] for p in self.params.values() for k in ("merge_content", "merge_style")], "lr": LR_MERGER}]
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
-        period = -(-STEPS_PLANNED // SAMPLE_TIMES)
+        period = self.period
         losses = []
         for step in range(steps):
             self.masked = not (step == 0 or step % period == 1)

@@ -1,0 +1,98 @@
+"""CPU benchmark: the pack's UnZipLoRA train step against the reference computation.
+
+Both sides run the same masked, overlap-penalised period step of UnZipLoRA (two rank-64 LoRAs,
+mergers and column masks on every attention projection) on the same tiny SDXL-architecture UNet:
+the pack on ComfyUI (object-patched layers, its trainer), the reference on diffusers' UNet with
+forward hooks, written from the method's equations (tests/test_unzip_fidelity.py). Rounds
+alternate; the median step time of each is reported with the ratio pack / reference.
+
+    python bench/cpu_unzip_step.py [--size 16] [--steps 12] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import host_harness  # noqa: E402
+import tiny_models  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    path, how = host_harness.find_comfyui()
+    if path is None:
+        sys.exit(f"needs ComfyUI: {how}")
+    host = host_harness.start_host(path)
+    import test_unzip_fidelity as fidelity
+
+    recipes = host.pack("training.recipes")
+    host_training = host.pack("nodes.host_training")
+    diffusion = host.pack("training.diffusion")
+    trainer = host.pack("training.trainer")
+    sdxl_unet = host.pack("core.sdxl_unet")
+    unziplora = host.pack("training.unziplora")
+
+    model = tiny_models.build_tiny_sdxl()
+    latents, positive = tiny_models.image_and_prompt(0, size=args.size)
+    _, content_prompt = tiny_models.image_and_prompt(100)
+    _, style_prompt = tiny_models.image_and_prompt(200)
+    contexts = {"content": content_prompt[0][0], "style": style_prompt[0][0]}
+    settings = unziplora.UnZipConfig(sample_times=1, column_ratio=0.1, cone_threshold=fidelity.THRESHOLD)
+    shapes = host_training.target_shapes(model, recipes.ALL_ATTENTION)
+    layers = {p: unziplora.UnZipLayer(*shapes[p], 64, unziplora.sparse_only_for(p, settings)) for p in sorted(shapes)}
+    generator = torch.Generator().manual_seed(0)
+    for p in sorted(layers):
+        layers[p].reset(generator)
+    initial = {p: {k: v.detach().clone() for k, v in l.named_parameters()} for p, l in layers.items()}
+    steps_planned = 10_000
+    method = unziplora.UnZipMethod(layers, steps_planned, 5e-5, settings)
+    x0 = host_training.training_latents(model, latents)
+    conditionings = host_training.conditioning_per_image(model, positive, 1)
+
+    unet = tiny_models.diffusers_unet_from(model)
+    unet.requires_grad_(False)
+    reference = fidelity.Reference(unet, initial, sdxl_unet.ldm_to_diffusers, contexts, period=steps_planned)
+    y_inputs = {"text_embeds": positive[0][1]["pooled_output"],
+                "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
+
+    def wrap(p):
+        separated = p.endswith(("attn2.to_k", "attn2.to_v"))
+        return lambda base: unziplora.UnZipLinear(base, layers[p], contexts["content"] if separated else None,
+                                                  contexts["style"] if separated else None)
+
+    samples = {"pack": [], "reference": []}
+    with host_training.training_model(model, method.modules, module_wrappers={p: wrap(p) for p in layers}) as (clone, device):
+        predict = host_training.unet_predict(clone, conditionings, device)
+        schedule = host_training.noise_schedule(clone)
+        for _ in range(args.rounds):
+            times = []
+            trainer.train(method.modules, predict, x0, schedule,
+                          trainer.TrainConfig(steps=args.steps + 2, learning_rate=5e-5),
+                          trainer.TrainingHooks(on_step=lambda s, t, l, seconds: times.append(seconds)), method=method)
+            samples["pack"] += times[2:]
+            draws = [diffusion.draw_step(0, s, 1, x0.shape) for s in range(args.steps)]
+            start = time.perf_counter()
+            reference.train(x0, draws, y_inputs, positive[0][0], args.steps)
+            samples["reference"].append((time.perf_counter() - start) / args.steps)
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32")
+    for name, value in median.items():
+        print(f"{name:>9}: {value * 1000:8.1f} ms/step (median)")
+    print(f"ratio pack/reference: {median['pack'] / median['reference']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
