@@ -50,6 +50,11 @@ class UnZipColumnMaskMerge(io.ComfyNode):
                                  tooltip="For two LoRAs with no mergers (two B-LoRAs, two kohya LoRAs): on output "
                                          "features both change strongly, keep only the LoRA that changes it more, "
                                          "so the pair interferes less than a plain sum."),
+                io.String.Input("content_lora_file", optional=True, force_input=True,
+                                tooltip="Connect a training node's content_lora output to use the file it just saved "
+                                        "(overrides content_lora)."),
+                io.String.Input("style_lora_file", optional=True, force_input=True,
+                                tooltip="Connect a training node's style_lora output (overrides style_lora)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with both LoRAs merged in.")],
         )
@@ -57,10 +62,10 @@ class UnZipColumnMaskMerge(io.ComfyNode):
     @classmethod
     def execute(cls, model, content_lora: str, style_lora: str, content_strength: float, style_strength: float,
                 content_merger: str = NO_MERGER, style_merger: str = NO_MERGER,
-                untrained_masks: bool = False) -> io.NodeOutput:
+                untrained_masks: bool = False, content_lora_file: str = "", style_lora_file: str = "") -> io.NodeOutput:
         host_model.require_sdxl(model, "UnZip Column Mask Merge")
-        content = host_model.read_lora(content_lora)
-        style = host_model.read_lora(style_lora)
+        content = host_model.read_lora(content_lora_file or content_lora)
+        style = host_model.read_lora(style_lora_file or style_lora)
         merger_c = _merger_for(content, content_merger)
         merger_s = _merger_for(style, style_merger)
         if untrained_masks:

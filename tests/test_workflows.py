@@ -1,0 +1,89 @@
+"""Every shipped workflow loads (known nodes, right widget counts) and runs headless.
+
+Each UI-format file is converted to the API format with the host's own node definitions (as
+the editor's "Export (API)"), then run by a real ComfyUI server on loopback. Only the loaders
+are swapped for tiny fixtures (checkpoint -> TinySDXLCheckpointLoader, CLIPTextEncode ->
+TinyTextEncode); for CPU time, step counts and image sizes are scaled down, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+import lora_namings
+import server_harness
+import tiny_models
+from conftest import COMFYUI_PATH
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import workflow_format  # noqa: E402
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "style_2.png", "content_photo.png")
+SCALED_DOWN = {
+    "BLoRATrain": {"steps": 2}, "UnZipLoRATrain": {"steps": 3}, "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64}, "ImageScaleToTotalPixels": {"megapixels": 0.01},
+}
+OUTPUT_TYPES = {"SaveImage", "PreviewImage"}
+
+
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflows")
+    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url:
+        for index, name in enumerate(INPUT_IMAGES):
+            pixels = np.random.default_rng(index).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(workdir / "input" / name)
+        shapes = lora_namings.b_lora_shapes(tiny_models.build_tiny_sdxl().model.diffusion_model.state_dict())
+        (workdir / "loras" / "b-lora").mkdir()
+        for seed, name in enumerate(("content_image", "style_image")):
+            layers = lora_namings.random_layers(shapes, rank=4, seed=seed)
+            save_file(lora_namings.write_naming(layers, "official"), str(workdir / "loras" / "b-lora" / f"{name}.safetensors"))
+        yield url, server_harness.get_json(url, "/object_info")
+
+
+def runnable(prompt: dict) -> dict:
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "TinySDXLCheckpointLoader", {"seed": 0}
+        elif node["class_type"] == "CLIPTextEncode":
+            node["class_type"], node["inputs"] = "TinyTextEncode", {"text": node["inputs"]["text"]}
+        node["inputs"].update(SCALED_DOWN.get(node["class_type"], {}))
+    return prompt
+
+
+def test_workflows_are_shipped():
+    assert {w.name for w in WORKFLOWS} >= {
+        "b-lora_train.json", "b-lora_style_transfer.json", "b-lora_text_stylization.json",
+        "b-lora_consistent_style.json", "unziplora_train_and_recombine.json", "lora_style_transfer_sdedit.json"}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_runs_headless(server, workflow):
+    url, object_info = server
+    prompt = runnable(workflow_format.ui_to_api(json.loads(workflow.read_text()), object_info))
+    history, messages = server_harness.run_prompt(url, prompt)
+    assert history["status"]["status_str"] == "success", [m for m in messages if m["type"] == "execution_error"]
+    outputs = [node_id for node_id, node in prompt.items() if node["class_type"] in OUTPUT_TYPES]
+    assert outputs
+    for node_id in outputs:
+        assert history["outputs"][node_id]["images"], f"{workflow.name}: node {node_id} produced no image"
+
+
+def test_a_wrong_widget_count_or_unknown_node_is_caught(server):
+    url, object_info = server
+    workflow = json.loads(next(w for w in WORKFLOWS if w.name == "b-lora_train.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == "BLoRATrain")
+    node["widgets_values"] = node["widgets_values"][:-1]
+    with pytest.raises(workflow_format.WorkflowError, match="widget values"):
+        workflow_format.ui_to_api(workflow, object_info)
+    node["type"] = "NoSuchNode"
+    with pytest.raises(workflow_format.WorkflowError, match="unknown node type 'NoSuchNode'"):
+        workflow_format.ui_to_api(workflow, object_info)

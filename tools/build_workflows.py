@@ -1,0 +1,202 @@
+"""Writes the shipped example workflows (workflows/*.json, UI format) from the descriptions below.
+
+Node definitions come from a real ComfyUI server started on loopback with this pack (found as
+for the tests), so widget order and defaults are the host's. Run after changing a node's inputs:
+
+    python tools/build_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+from workflow_format import Node, Note, build_ui  # noqa: E402
+
+CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SAMPLER = {"seed": 0, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+COLUMN = 380
+
+
+def at(column: float, row: float) -> tuple[int, int]:
+    return int(column * COLUMN), int(row * 130)
+
+
+def checkpoint(node_id: int, pos) -> Node:
+    return Node(node_id, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos)
+
+
+def image_latent(first_id: int, image: str, checkpoint_id: int, column: float, row: float) -> list[Node]:
+    """Load an image, scale it to about one megapixel keeping its shape (the official scripts
+    resize to 1024 px, no crop), encode it: three nodes, latent from ``first_id + 2``."""
+    return [
+        Node(first_id, "LoadImage", {"image": image}, at(column, row)),
+        Node(first_id + 1, "ImageScaleToTotalPixels", {"image": (first_id, 0), "upscale_method": "lanczos",
+                                                       "megapixels": 1.0}, at(column, row + 3)),
+        Node(first_id + 2, "VAEEncode", {"pixels": (first_id + 1, 0), "vae": (checkpoint_id, 2)}, at(column, row + 4.5)),
+    ]
+
+
+def text(node_id: int, prompt: str, checkpoint_id: int, pos, title: str | None = None) -> Node:
+    return Node(node_id, "CLIPTextEncode", {"text": prompt, "clip": (checkpoint_id, 1)}, pos, title)
+
+
+def sample(first_id: int, model, positive, negative, latent, vae, prefix: str, column: float, row: float,
+           **overrides) -> list[Node]:
+    """KSampler, decode, save: three nodes."""
+    return [
+        Node(first_id, "KSampler", {**SAMPLER, **overrides, "model": model, "positive": positive,
+                                    "negative": negative, "latent_image": latent}, at(column, row)),
+        Node(first_id + 1, "VAEDecode", {"samples": (first_id, 0), "vae": vae}, at(column, row + 3.5)),
+        Node(first_id + 2, "SaveImage", {"images": (first_id + 1, 0), "filename_prefix": prefix}, at(column + 1, row)),
+    ]
+
+
+def empty_latent(node_id: int, pos) -> Node:
+    return Node(node_id, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos)
+
+
+def b_lora_train():
+    nodes = [checkpoint(1, at(0, 0)), *image_latent(2, "my_image.png", 1, 0, 1.5),
+             text(5, "A [v]", 1, at(1, 0), "Prompt: A [v]"), text(6, "", 1, at(1, 2), "Negative (empty)"),
+             Node(7, "BLoRATrain", {"model": (1, 0), "latents": (4, 0), "positive": (5, 0), "lora_name": "b-lora/my_image"},
+                  at(2, 0)),
+             empty_latent(8, at(2, 5)),
+             *sample(9, (7, 0), (5, 0), (6, 0), (8, 0), (1, 2), "b-lora/reconstruction", 3, 0),
+             Node(12, "PreviewImage", {"images": (7, 2)}, at(4, 3), "Loss curve")]
+    notes = [Note(20, "Train B-LoRA on one image.\n\n1. Pick your SDXL checkpoint and your image (about 1024 px).\n"
+                      "2. Keep the prompt 'A [v]' (any rare token works; the paper uses A [v]).\n"
+                      "3. Queue. The LoRA lands in models/loras/b-lora/my_image.safetensors; the sample shows the "
+                      "reconstruction ('A [v]' with the trained LoRA).\n\nThen use its content or style with "
+                      "Load Content LoRA / Load Style LoRA (see the other workflows).", at(0, -2.2), (760, 200))]
+    return nodes, notes
+
+
+def b_lora_apply(kind: str):
+    prompts = {"style_transfer": "A [c] in [s] style", "text_stylization": "A [c] made of gold",
+               "consistent_style": "A backpack in [s] style"}
+    nodes = [checkpoint(1, at(0, 0))]
+    model = (1, 0)
+    if kind in ("style_transfer", "text_stylization"):
+        nodes.append(Node(2, "BLoRALoadContentLoRA", {"model": model, "lora_name": "b-lora/content_image.safetensors",
+                                                      "strength": 1.0, "strength_mode": "official B-LoRA (squared)"},
+                          at(1, 0)))
+        model = (2, 0)
+    if kind in ("style_transfer", "consistent_style"):
+        nodes.append(Node(3, "BLoRALoadStyleLoRA", {"model": model, "lora_name": "b-lora/style_image.safetensors",
+                                                    "strength": 1.1, "strength_mode": "official B-LoRA (squared)"},
+                          at(1, 2.5)))
+        model = (3, 0)
+    nodes += [text(4, prompts[kind], 1, at(2, 0), "Prompt"), text(5, "", 1, at(2, 2), "Negative (empty)"),
+              empty_latent(6, at(2, 4)), *sample(7, model, (4, 0), (5, 0), (6, 0), (1, 2), f"b-lora/{kind}", 3, 0)]
+    guide = {
+        "style_transfer": "Content of image A in the style of image B.\nLoad Content LoRA takes block output_blocks.0.1 of "
+                          "A's B-LoRA, Load Style LoRA block output_blocks.1.1 of B's. In the prompt, replace [c] and [s] "
+                          "with each B-LoRA's training token (e.g. 'A [v18] in [v30] style').",
+        "text_stylization": "The content of a B-LoRA restyled by text.\nReplace [c] with its training token "
+                            "(e.g. 'A [v3] made of gold').",
+        "consistent_style": "New subjects in the style of a B-LoRA.\nReplace [s] with its training token "
+                            "(e.g. 'A backpack in [v38] style').",
+    }[kind]
+    strengths = ("\n\nStrengths are typed as in the official inference.py (mode 'official B-LoRA (squared)'): "
+                 "content 1.0, style 1.1, the paper's settings.")
+    return nodes, [Note(20, guide + strengths, at(0, -2.2), (760, 180))]
+
+
+def unziplora_train_and_recombine():
+    nodes = [checkpoint(1, at(0, 0))]
+    prompts = {"a": ("A monadikos cat in sketch style", "A monadikos cat", "A cat in sketch style"),
+               "b": ("A monadikos rose in pop art style", "A monadikos rose", "A rose in pop art style")}
+    for index, name in enumerate(("a", "b")):
+        base_id, row = 10 + 20 * index, 0 + 9 * index
+        combined, content, style = prompts[name]
+        nodes += [*image_latent(base_id, f"image_{name}.png", 1, 1, row),
+                  text(base_id + 3, combined, 1, at(2, row), "Combined prompt"),
+                  text(base_id + 4, content, 1, at(2, row + 2), "Content prompt"),
+                  text(base_id + 5, style, 1, at(2, row + 4), "Style prompt"),
+                  Node(base_id + 6, "UnZipLoRATrain", {"model": (1, 0), "latents": (base_id + 2, 0),
+                                                       "positive": (base_id + 3, 0), "content_positive": (base_id + 4, 0),
+                                                       "style_positive": (base_id + 5, 0),
+                                                       "lora_name": f"unziplora/image_{name}"}, at(3, row))]
+    nodes += [text(50, "", 1, at(0, 3), "Negative (empty)"), empty_latent(51, at(0, 5)),
+              *sample(52, (16, 0), (13, 0), (50, 0), (51, 0), (1, 2), "unziplora/a_recombined", 4, 0),
+              text(55, "A monadikos cat in pop art style", 1, at(2, 18), "Cross-image prompt"),
+              Node(56, "UnZipColumnMaskMerge", {"model": (1, 0), "content_lora": "unziplora/image_a_content.safetensors",
+                                                "style_lora": "unziplora/image_b_style.safetensors",
+                                                "content_merger": "none", "style_merger": "none",
+                                                "content_lora_file": (16, 1), "style_lora_file": (36, 2)}, at(3, 18)),
+              *sample(57, (56, 0), (55, 0), (50, 0), (51, 0), (1, 2), "unziplora/a_content_b_style", 4, 18)]
+    notes = [Note(80, "UnZipLoRA: train content and style LoRAs from each image, then recombine across images.\n\n"
+                      "Top: image A -> Train UnZipLoRA -> its own content + style, recombined (the node's MODEL output).\n"
+                      "Middle: image B, the same.\n"
+                      "Bottom: A's content with B's style: UnZip Column Mask Merge on the files the two trainings "
+                      "just saved (wired from their content_lora / style_lora outputs; mergers travel inside the "
+                      "files). Later, pick any saved pair in its content_lora / style_lora lists instead "
+                      "(disconnect the two file inputs), no training needed.\n\n"
+                      "'monadikos' is the rare token for the subject; the style prompt keeps the class noun and drops "
+                      "the token, the content prompt drops the style words.", at(0, -3), (1100, 260))]
+    return nodes, notes
+
+
+def lora_style_transfer_sdedit():
+    nodes = [checkpoint(1, at(0, 0)),
+             Node(2, "LoadImage", {"image": "style_1.png"}, at(1, 0)),
+             Node(3, "LoadImage", {"image": "style_2.png"}, at(1, 3)),
+             Node(4, "ImageBatch", {"image1": (2, 0), "image2": (3, 0)}, at(1, 6)),
+             Node(5, "ImageScaleToTotalPixels", {"image": (4, 0), "upscale_method": "lanczos", "megapixels": 1.0},
+                  at(1, 7.5)),
+             Node(6, "VAEEncode", {"pixels": (5, 0), "vae": (1, 2)}, at(1, 9)),
+             text(7, "A Monet painting, water lilies", 1, at(2, 0), "Caption of style_1"),
+             text(8, "A Monet painting, a bridge over a pond", 1, at(2, 2), "Caption of style_2"),
+             Node(9, "ConditioningCombine", {"conditioning_1": (7, 0), "conditioning_2": (8, 0)}, at(2, 4)),
+             Node(10, "BLoRATrain", {"model": (1, 0), "latents": (6, 0), "positive": (9, 0), "steps": 1000,
+                                     "learning_rate": 1e-5, "rank": 8, "lora_name": "style/monet",
+                                     "recipe": "all attention layers (style LoRA)", "prompt": "A Monet painting, ..."},
+                  at(3, 0)),
+             Node(11, "LoadImage", {"image": "content_photo.png"}, at(3, 6)),
+             Node(12, "ImageScaleToTotalPixels", {"image": (11, 0), "upscale_method": "lanczos", "megapixels": 1.0},
+                  at(3, 9)),
+             Node(13, "VAEEncode", {"pixels": (12, 0), "vae": (1, 2)}, at(3, 10.5)),
+             text(14, "A Monet painting", 1, at(4, 6), "Prompt"), text(15, "", 1, at(4, 8), "Negative (empty)"),
+             *sample(16, (10, 0), (14, 0), (15, 0), (13, 0), (1, 2), "style/transfer", 5, 0, denoise=0.5)]
+    notes = [Note(30, "LoRA style transfer (Diffusion-LoRA-Style-Transfer on SDXL).\n\n1. A style LoRA on all attention "
+                      "layers from several style images, each with its caption starting with the same identifier "
+                      "('A Monet painting, ...'); rank 8, alpha 16 (the recipe's), learning rate 1e-5. Add images with "
+                      "more Image Batch / Conditioning Combine pairs, captions in the same order as the images.\n"
+                      "2. SDEdit: the content photo is noised part-way and denoised with the LoRA (KSampler denoise "
+                      "0.5). Higher denoise: more style, less of the photo.\n\nThe original also conditions on the "
+                      "photo with an IP-Adapter to keep its details; see the _ipadapter variant.", at(0, -2.6), (900, 240))]
+    return nodes, notes
+
+
+WORKFLOWS = {
+    "b-lora_train.json": b_lora_train,
+    "b-lora_style_transfer.json": lambda: b_lora_apply("style_transfer"),
+    "b-lora_text_stylization.json": lambda: b_lora_apply("text_stylization"),
+    "b-lora_consistent_style.json": lambda: b_lora_apply("consistent_style"),
+    "unziplora_train_and_recombine.json": unziplora_train_and_recombine,
+    "lora_style_transfer_sdedit.json": lora_style_transfer_sdedit,
+}
+
+
+def main() -> None:
+    import conftest
+    import server_harness
+
+    if conftest.COMFYUI_PATH is None:
+        sys.exit(conftest.NO_HOST_REASON)
+    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp())) as url:
+        object_info = server_harness.get_json(url, "/object_info")
+    for name, describe in WORKFLOWS.items():
+        nodes, notes = describe()
+        (ROOT / "workflows" / name).write_text(json.dumps(build_ui(nodes, notes, object_info), indent=1) + "\n")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()

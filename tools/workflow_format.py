@@ -1,0 +1,161 @@
+"""ComfyUI's two workflow formats, both directions, from the host's own node definitions.
+
+- ``build_ui``: a compact description (nodes with their inputs, links as ``(node, slot)``, notes)
+  to the UI format the graph editor loads and saves (``widgets_values`` positional).
+- ``ui_to_api``: a UI-format workflow to the API format the executor runs, as the editor's
+  "Export (API)" does: widgets to named inputs, links to ``[node, slot]``.
+
+Both take ``object_info`` (the server's ``/object_info``): the input order, which inputs are
+widgets, and the extra widget values the editor stores (a seed's "control after generate", an
+image loader's upload button).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+NODE_WIDTH = 330
+
+
+class WorkflowError(ValueError):
+    """A workflow the graph editor would not load as saved (unknown node, wrong widget count)."""
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    inputs: dict = field(default_factory=dict)
+    """Input name to a literal widget value, or to ``(node id, output slot)`` for a link."""
+    pos: tuple[int, int] = (0, 0)
+    title: str | None = None
+
+
+@dataclass
+class Note:
+    id: int
+    text: str
+    pos: tuple[int, int] = (0, 0)
+    size: tuple[int, int] = (400, 160)
+
+
+def _spec_type(spec) -> str:
+    kind = spec[0]
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def _is_widget(spec) -> bool:
+    """Inputs the editor shows as widgets (and stores in widgets_values); ``forceInput`` ones are sockets."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return _spec_type(spec) in WIDGET_TYPES and not options.get("forceInput")
+
+
+def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
+    order = info.get("input_order") or {section: list(info["input"].get(section, {})) for section in ("required", "optional")}
+    return [(name, info["input"][section][name]) for section in ("required", "optional") for name in order.get(section, [])]
+
+
+def _extra_widget_values(spec) -> list:
+    """Values the editor stores after a widget's own value."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    extras = []
+    if options.get("control_after_generate"):
+        extras.append("fixed")
+    if options.get("image_upload"):
+        extras.append("image")
+    return extras
+
+
+def _default(spec):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+    if choices:
+        return choices[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(_spec_type(spec), "")
+
+
+def build_ui(nodes: list[Node], notes: list[Note], object_info: dict) -> dict:
+    links, ui_nodes = [], []
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    by_id = {node.id: node for node in nodes}
+    for node in nodes:
+        for name, value in node.inputs.items():
+            if isinstance(value, tuple):
+                source, slot = value
+                output_type = object_info[by_id[source].type]["output"][slot]
+                link_id = len(links) + 1
+                links.append([link_id, source, slot, node.id, name, output_type])
+                outgoing.setdefault((source, slot), []).append(link_id)
+    for order, node in enumerate(nodes):
+        if node.type not in object_info:
+            raise WorkflowError(f"unknown node type {node.type}")
+        info = object_info[node.type]
+        unknown = set(node.inputs) - {name for name, _ in _ordered_inputs(info)}
+        if unknown:
+            raise WorkflowError(f"{node.type} has no inputs {sorted(unknown)}")
+        inputs, widgets = [], []
+        for name, spec in _ordered_inputs(info):
+            kind = _spec_type(spec)
+            link = next((l[0] for l in links if l[3] == node.id and l[4] == name), None)
+            if _is_widget(spec):
+                value = node.inputs.get(name, _default(spec))
+                widgets += [_default(spec) if isinstance(value, tuple) else value, *_extra_widget_values(spec)]
+                if link is not None:
+                    inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": link})
+            else:
+                inputs.append({"name": name, "type": kind, "link": link})
+        outputs = [{"name": out_name, "type": out_type, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
+                   for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
+        ui_node = {"id": node.id, "type": node.type, "pos": list(node.pos),
+                   "size": [NODE_WIDTH, 46 + 24 * (len(inputs) + len(widgets) + len(outputs))],
+                   "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                   "properties": {"Node name for S&R": node.type}, "widgets_values": widgets}
+        if node.title:
+            ui_node["title"] = node.title
+        ui_nodes.append(ui_node)
+    for note in notes:
+        ui_nodes.append({"id": note.id, "type": "Note", "pos": list(note.pos), "size": list(note.size), "flags": {},
+                         "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                         "widgets_values": [note.text], "color": "#432", "bgcolor": "#653"})
+    for link in links:  # the editor stores target slots as indices into the node's inputs list
+        target = next(n for n in ui_nodes if n["id"] == link[3])
+        link[4] = next(i for i, entry in enumerate(target["inputs"]) if entry["name"] == link[4])
+    return {"last_node_id": max(n["id"] for n in ui_nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}},
+            "version": 0.4}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API-format prompt of a UI-format workflow; raises WorkflowError where the editor would
+    not load it (unknown node type, widget values that do not fit the node's widgets)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        if node.get("mode", 0) != 0:
+            raise WorkflowError(f"node {node['id']} ({node['type']}) is muted or bypassed; ship workflows active")
+        info = object_info.get(node["type"])
+        if info is None:
+            raise WorkflowError(f"node {node['id']}: unknown node type {node['type']!r}")
+        linked = {entry["name"]: links[entry["link"]] for entry in node.get("inputs", []) if entry.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs, position = {}, 0
+        for name, spec in _ordered_inputs(info):
+            if _is_widget(spec):
+                extras = _extra_widget_values(spec)
+                if position + 1 + len(extras) > len(values):
+                    raise WorkflowError(f"node {node['id']} ({node['type']}): too few widget values for {name!r}")
+                inputs[name] = values[position]
+                position += 1 + len(extras)
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+        if position != len(values):
+            raise WorkflowError(f"node {node['id']} ({node['type']}): {len(values)} widget values, "
+                                f"the node has {position}")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
