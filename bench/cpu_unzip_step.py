@@ -51,10 +51,7 @@ def main() -> None:
     contexts = {"content": content_prompt[0][0], "style": style_prompt[0][0]}
     settings = unziplora.UnZipConfig(sample_times=1, column_ratio=0.1, cone_threshold=fidelity.THRESHOLD)
     shapes = host_training.target_shapes(model, recipes.ALL_ATTENTION)
-    layers = {p: unziplora.UnZipLayer(*shapes[p], 64, unziplora.sparse_only_for(p, settings)) for p in sorted(shapes)}
-    generator = torch.Generator().manual_seed(0)
-    for p in sorted(layers):
-        layers[p].reset(generator)
+    layers = unziplora.make_layers(shapes, 64, settings, 0)
     initial = {p: {k: v.detach().clone() for k, v in l.named_parameters()} for p, l in layers.items()}
     steps_planned = 10_000
     method = unziplora.UnZipMethod(layers, steps_planned, 5e-5, settings)
@@ -67,13 +64,9 @@ def main() -> None:
     y_inputs = {"text_embeds": positive[0][1]["pooled_output"],
                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
 
-    def wrap(p):
-        separated = p.endswith(("attn2.to_k", "attn2.to_v"))
-        return lambda base: unziplora.UnZipLinear(base, layers[p], contexts["content"] if separated else None,
-                                                  contexts["style"] if separated else None)
-
     samples = {"pack": [], "reference": []}
-    with host_training.training_model(model, method.modules, module_wrappers={p: wrap(p) for p in layers}) as (clone, device):
+    wrappers = unziplora.module_wrappers(layers, contexts, settings)
+    with host_training.training_model(model, method.modules, module_wrappers=wrappers) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         schedule = host_training.noise_schedule(clone)
         for _ in range(args.rounds):

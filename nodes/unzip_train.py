@@ -19,7 +19,6 @@ from . import host_model, host_training
 from .training_run import TrainingRun, file_metadata, precision_for
 
 CATEGORY = "B-LoRA"
-PROMPT_SEPARATED = ("attn2.to_k", "attn2.to_v")
 
 
 def _prompt_context(model, conditioning, what: str) -> torch.Tensor:
@@ -120,20 +119,11 @@ class TrainUnZipLoRA(io.ComfyNode):
         role_contexts = {"content": _prompt_context(model, content_positive, "content"),
                          "style": _prompt_context(model, style_positive, "style")}
         shapes = host_training.target_shapes(model, recipes.ALL_ATTENTION)
-        layers = {path: unziplora.UnZipLayer(*shapes[path], rank, unziplora.sparse_only_for(path, settings))
-                  for path in sorted(shapes)}
-        generator = torch.Generator().manual_seed(seed)
-        for path in sorted(layers):
-            layers[path].reset(generator)
+        layers = unziplora.make_layers(shapes, rank, settings, seed)
         method = unziplora.UnZipMethod(layers, steps, learning_rate, settings)
         config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed,
                              precision=precision_for(comfy.model_management.get_torch_device(), precision),
                              checkpoint_every=checkpoint_every, prediction=host_training.prediction_type(model))
-
-        def wrap(path):
-            separated = settings.prompt_separation and path.endswith(PROMPT_SEPARATED)
-            return lambda base: unziplora.UnZipLinear(base, layers[path], role_contexts["content"] if separated else None,
-                                                      role_contexts["style"] if separated else None)
 
         base_sha = host_training.base_weights_sha256(model, shapes)
         blocks = sorted({sdxl_unet.block_of(p) for p in shapes})
@@ -150,7 +140,7 @@ class TrainUnZipLoRA(io.ComfyNode):
         checkpoint_paths = {role: checkpoint.checkpoint_path(final_path, f"_{role}") for role in unziplora.ROLES}
         run = TrainingRun(model, samples, conditionings, method.modules, config, final_path, fingerprint,
                           lambda: lora_files(checkpoint_paths), method=method,
-                          module_wrappers={path: wrap(path) for path in layers})
+                          module_wrappers=unziplora.module_wrappers(layers, role_contexts, settings))
         state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train UnZipLoRA")
         method.finish()
         created = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -90,3 +90,27 @@ def start_host(path: Path, cpu: bool = True) -> Host:
         raise RuntimeError(f"ComfyUI's custom-node loader could not load the pack at {PACK_ROOT}")
     _started = Host(path, nodes, folder_paths, str(PACK_ROOT).replace(".", "_x_"))
     return _started
+
+
+def press_cancel_during_step(host: Host, monkeypatch, step_number: int) -> dict:
+    """Make the host's Cancel fire while the UNet runs the ``step_number``-th training step
+    (1-based), through the real interrupt flag. Returns a counter of UNet calls."""
+    import comfy.model_management
+
+    host_training = host.pack("nodes.host_training")
+    real = host_training.unet_predict
+    calls = {"n": 0}
+
+    def unet_predict(*args):
+        predict = real(*args)
+
+        def counting(*inputs):
+            calls["n"] += 1
+            if calls["n"] == step_number:
+                comfy.model_management.interrupt_current_processing(True)
+            return predict(*inputs)
+
+        return counting
+
+    monkeypatch.setattr(host_training, "unet_predict", unet_predict)
+    return calls

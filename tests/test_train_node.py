@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import host_harness
 import tiny_models
 
 TRAIN = "BLoRATrain"
@@ -180,34 +181,11 @@ def test_progress_bar_moves_every_step(host, loaded_sdxl, loras_dir, image_and_p
     assert seen == [(0, 4, "7"), (1, 4, "7"), (2, 4, "7"), (3, 4, "7"), (4, 4, "7")]
 
 
-def interrupt_at_call(host, monkeypatch, call_number):
-    """Press the host's Cancel while the UNet runs its ``call_number``-th training step."""
-    import comfy.model_management
-
-    host_training = host.pack("nodes.host_training")
-    real = host_training.unet_predict
-    calls = {"n": 0}
-
-    def unet_predict(*args):
-        predict = real(*args)
-
-        def counting(*inputs):
-            calls["n"] += 1
-            if calls["n"] == call_number:
-                comfy.model_management.interrupt_current_processing(True)
-            return predict(*inputs)
-
-        return counting
-
-    monkeypatch.setattr(host_training, "unet_predict", unet_predict)
-    return calls
-
-
 def test_cancel_saves_a_checkpoint_and_leaves_the_model_untouched(host, loaded_sdxl, loras_dir, image_and_prompt, monkeypatch):
     import comfy.model_management
 
     before = model_state(loaded_sdxl)
-    calls = interrupt_at_call(host, monkeypatch, 3)
+    calls = host_harness.press_cancel_during_step(host, monkeypatch, 3)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(host, loaded_sdxl, image_and_prompt, steps=50)
     assert calls["n"] == 3, "Cancel must stop within a step"
@@ -226,7 +204,7 @@ def test_resume_after_cancel_equals_an_uninterrupted_run(host, loaded_sdxl, lora
 
     train(host, loaded_sdxl, image_and_prompt, steps=6, name="straight", learning_rate=1e-2)
     with monkeypatch.context() as patch:
-        interrupt_at_call(host, patch, 3)
+        host_harness.press_cancel_during_step(host, patch, 3)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             train(host, loaded_sdxl, image_and_prompt, steps=6, name="resumed", learning_rate=1e-2)
     output = train(host, loaded_sdxl, image_and_prompt, steps=6, name="resumed", learning_rate=1e-2, resume=True)
@@ -241,7 +219,7 @@ def test_resume_after_cancel_equals_an_uninterrupted_run(host, loaded_sdxl, lora
 def test_resume_refuses_other_settings(host, loaded_sdxl, loras_dir, image_and_prompt, monkeypatch):
     import comfy.model_management
 
-    interrupt_at_call(host, monkeypatch, 2)
+    host_harness.press_cancel_during_step(host, monkeypatch, 2)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(host, loaded_sdxl, image_and_prompt, steps=6, rank=4)
     monkeypatch.undo()

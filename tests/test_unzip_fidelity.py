@@ -143,10 +143,7 @@ def test_one_period_equals_the_reference(host, tiny_sdxl):
     settings = unziplora.UnZipConfig(sample_times=SAMPLE_TIMES, column_ratio=RATIO, merger_learning_rate=LR_MERGER,
                                      style_learning_rate=LR_STYLE, overlap_weight=OVERLAP_WEIGHT, cone_threshold=THRESHOLD)
     shapes = host_training.target_shapes(tiny_sdxl, recipes.ALL_ATTENTION)
-    layers = {p: unziplora.UnZipLayer(*shapes[p], RANK, unziplora.sparse_only_for(p, settings)) for p in sorted(shapes)}
-    generator = torch.Generator().manual_seed(SEED)
-    for path in sorted(layers):
-        layers[path].reset(generator)
+    layers = unziplora.make_layers(shapes, RANK, settings, SEED)
     initial = {path: {k: v.detach().clone() for k, v in layer.named_parameters()} for path, layer in layers.items()}
     method = unziplora.UnZipMethod(layers, STEPS_PLANNED, LR_CONTENT, settings)
 
@@ -160,12 +157,8 @@ def test_one_period_equals_the_reference(host, tiny_sdxl):
     y_inputs = {"text_embeds": positive[0][1]["pooled_output"],
                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
 
-    def wrap(path):
-        separated = path.endswith(("attn2.to_k", "attn2.to_v"))
-        return lambda base: unziplora.UnZipLinear(base, layers[path], contexts["content"] if separated else None,
-                                                  contexts["style"] if separated else None)
-
-    with host_training.training_model(tiny_sdxl, method.modules, module_wrappers={p: wrap(p) for p in layers}) as (clone, device):
+    wrappers = unziplora.module_wrappers(layers, contexts, settings)
+    with host_training.training_model(tiny_sdxl, method.modules, module_wrappers=wrappers) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         schedule = host_training.noise_schedule(clone)
         method.before_step(0)

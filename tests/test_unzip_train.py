@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+import host_harness
 import tiny_models
 
 TRAIN, MERGE = "UnZipLoRATrain", "UnZipColumnMaskMerge"
@@ -147,24 +148,9 @@ def test_cancel_and_resume_equal_an_uninterrupted_run(host, loaded_sdxl, loras_d
     import comfy.model_management
 
     lora_format = host.pack("core.lora_format")
-    host_training = host.pack("nodes.host_training")
     train(host, loaded_sdxl, name="uz/straight")
-    real = host_training.unet_predict
-    calls = {"n": 0}
-
-    def interrupting(*args):
-        predict = real(*args)
-
-        def run(*inputs):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                comfy.model_management.interrupt_current_processing(True)
-            return predict(*inputs)
-
-        return run
-
     with monkeypatch.context() as patch:
-        patch.setattr(host_training, "unet_predict", interrupting)
+        host_harness.press_cancel_during_step(host, patch, 4)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             train(host, loaded_sdxl, name="uz/resumed")
     assert (loras_dir / "uz" / "resumed_checkpoint.trainstate").is_file()

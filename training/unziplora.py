@@ -191,6 +191,30 @@ class UnZipLinear(nn.Module):
         return output + (self.layer.lora_output(content_in, "content") + self.layer.lora_output(style_in, "style")).to(output.dtype)
 
 
+PROMPT_SEPARATED = ("attn2.to_k", "attn2.to_v")
+
+
+def make_layers(shapes: dict[str, tuple[int, int]], rank: int, config: UnZipConfig, seed: int) -> dict[str, UnZipLayer]:
+    """One UnZipLayer per target layer (sorted by path), with the official init from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path in sorted(shapes):
+        layers[path] = UnZipLayer(*shapes[path], rank, sparse_only_for(path, config))
+        layers[path].reset(generator)
+    return layers
+
+
+def module_wrappers(layers: dict[str, UnZipLayer], contexts: dict[str, torch.Tensor], config: UnZipConfig) -> dict:
+    """``path -> (base module -> UnZipLinear)``; cross-attention k/v see the role prompts."""
+
+    def wrap(path):
+        separated = config.prompt_separation and path.endswith(PROMPT_SEPARATED)
+        content, style = (contexts["content"], contexts["style"]) if separated else (None, None)
+        return lambda base: UnZipLinear(base, layers[path], content, style)
+
+    return {path: wrap(path) for path in layers}
+
+
 def sparse_only_for(path: str, config: UnZipConfig) -> str | None:
     return SPARSE_ONLY.get(sdxl_unet.block_of(path)) if config.block_separation else None
 
