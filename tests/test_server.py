@@ -45,3 +45,12 @@ def test_training_reports_every_step_and_saves_the_file(server):
     assert (workdir / "loras" / "served" / "cat.safetensors").is_file()
     assert history["outputs"]["4"]["text"] == ["saved served/cat.safetensors (4 steps, last loss "
                                               f"{events[-1]['loss']:.4f})"]
+
+
+def test_front_end_script_and_recipe_defaults_are_served(server):
+    url, _ = server
+    scripts = server_harness.get_json(url, "/extensions")
+    assert any(s.endswith("/blora_training.js") for s in scripts), scripts
+    recipes = server_harness.get_json(url, "/blora/recipes")
+    assert recipes["all attention layers (style LoRA)"] == {"rank": 8, "learning_rate": 1e-5, "alpha": 0.0, "steps": 1000}
+    assert recipes["B-LoRA blocks (content + style)"]["rank"] == 64

@@ -159,3 +159,15 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                                 f"the node has {position}")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def widget_index(node_type: str, name: str, object_info: dict) -> int:
+    """Where a widget's value sits in a UI node's ``widgets_values``."""
+    position = 0
+    for input_name, spec in _ordered_inputs(object_info[node_type]):
+        if not _is_widget(spec):
+            continue
+        if input_name == name:
+            return position
+        position += 1 + len(_extra_widget_values(spec))
+    raise WorkflowError(f"{node_type} has no widget {name!r}")

@@ -1,0 +1,108 @@
+"""The front end in a real browser: headless Chromium (Debian's package, driven by Playwright)
+against a real ComfyUI server on loopback with this pack and the tiny test model. A shipped
+training workflow is loaded (loaders swapped for the tiny fixtures, steps scaled down) and
+queued; the live loss chart must get one point per step, and this pack's script must log no
+console error. The screenshot is kept in test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import server_harness
+from conftest import COMFYUI_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import workflow_format  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"]
+ARTIFACTS = ROOT / "test-artifacts"
+STEPS = 4
+
+
+def swap_loaders_ui(workflow: dict, object_info: dict) -> dict:
+    """The UI-format workflow with the checkpoint and text encoder swapped for the tiny fixtures
+    and the slow parts scaled down (what test_workflows does to the API format)."""
+    scaled = {("BLoRATrain", "steps"): STEPS, ("KSampler", "steps"): 2, ("EmptyLatentImage", "width"): 64,
+              ("EmptyLatentImage", "height"): 64, ("ImageScaleToTotalPixels", "megapixels"): 0.01}
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["type"], node["widgets_values"] = "TinySDXLCheckpointLoader", [0]
+        elif node["type"] == "CLIPTextEncode":
+            node["type"] = "TinyTextEncode"
+        for (node_type, name), value in scaled.items():
+            if node["type"] == node_type:
+                node["widgets_values"][workflow_format.widget_index(node_type, name, object_info)] = value
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def browser_page(host, tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("BROWSER TEST SKIPPED: no chromium on PATH (apt-get install chromium; .ci/run does)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="BROWSER TEST SKIPPED: pip install playwright")
+    workdir = tmp_path_factory.mktemp("browser")
+    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url, playwright_api.sync_playwright() as playwright:
+        pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(workdir / "input" / "my_image.png")
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        problems = []
+        page.on("console", lambda m: m.type == "error" and problems.append((m.location.get("url", ""), m.text)))
+        page.on("pageerror", lambda error: problems.append(("pageerror", str(error))))
+        page.goto(url)
+        page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=90_000)
+        yield page, url, server_harness.get_json(url, "/object_info"), problems
+        browser.close()
+
+
+def test_live_loss_chart_fills_during_training(browser_page):
+    page, url, object_info, problems = browser_page
+    workflow = swap_loaders_ui(json.loads((ROOT / "workflows" / "b-lora_train.json").read_text()), object_info)
+    page.evaluate("async (graph) => { await window.app.loadGraphData(graph); }", workflow)
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "BLoRATrain")
+    assert page.evaluate("(id) => document.body.contains(window.app.graph.getNodeById(id).bloraChart)", train_id)
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    page.wait_for_function(
+        "([id, steps]) => { const n = window.app.graph.getNodeById(id);"
+        " const run = n && n.properties && n.properties.blora_last_run;"
+        " return run && run.losses.filter(Number.isFinite).length === steps; }",
+        arg=[train_id, STEPS], timeout=180_000)
+    run = page.evaluate("(id) => window.app.graph.getNodeById(id).properties.blora_last_run", train_id)
+    assert run["step"] == STEPS and run["total"] == STEPS and run["done"]
+    assert all(isinstance(v, (int, float)) and v > 0 for v in run["losses"])
+    for _ in range(3):  # close the first-run template browser
+        page.keyboard.press("Escape")
+    page.evaluate("(id) => { const c = window.app.canvas; c.centerOnNode(window.app.graph.getNodeById(id));"
+                  " c.setDirty(true, true); }", train_id)
+    time.sleep(1.0)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser_training.png"))
+    page.locator("canvas.blora-loss-chart").first.screenshot(path=str(ARTIFACTS / "loss_chart.png"))
+    ours = [p for p in problems if "blora" in p[0] or "blora" in p[1]]
+    assert ours == [], ours
+
+
+def test_recipe_choice_fills_in_its_defaults(browser_page):
+    page, _, _, problems = browser_page
+    values = page.evaluate("""async () => {
+        const node = LiteGraph.createNode("BLoRATrain");
+        window.app.graph.add(node);
+        const recipe = node.widgets.find((w) => w.name === "recipe");
+        recipe.value = "all attention layers (style LoRA)";
+        await recipe.callback(recipe.value);
+        const get = (name) => node.widgets.find((w) => w.name === name).value;
+        return {rank: get("rank"), learning_rate: get("learning_rate")};
+    }""")
+    assert values == {"rank": 8, "learning_rate": 1e-5}
+    assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]
