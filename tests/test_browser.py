@@ -7,7 +7,6 @@ console error. The screenshot is kept in test-artifacts/."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import browser_harness
 import server_harness
 from conftest import COMFYUI_PATH
 
@@ -23,9 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import workflow_format  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = ROOT / "test-artifacts"
 STEPS = 4
 
@@ -48,28 +45,21 @@ def swap_loaders_ui(workflow: dict, object_info: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def browser_page(host, tmp_path_factory):
-    if CHROMIUM is None:
+    if browser_harness.CHROMIUM is None:
         pytest.skip("BROWSER TEST SKIPPED: no chromium on PATH (apt-get install chromium; .ci/run does)")
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="BROWSER TEST SKIPPED: pip install playwright")
+    pytest.importorskip("playwright.sync_api", reason="BROWSER TEST SKIPPED: pip install playwright")
     workdir = tmp_path_factory.mktemp("browser")
-    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url, playwright_api.sync_playwright() as playwright:
+    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url:
         pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(workdir / "input" / "my_image.png")
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        problems = []
-        page.on("console", lambda m: m.type == "error" and problems.append((m.location.get("url", ""), m.text)))
-        page.on("pageerror", lambda error: problems.append(("pageerror", str(error))))
-        page.goto(url)
-        page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=90_000)
-        yield page, url, server_harness.get_json(url, "/object_info"), problems
-        browser.close()
+        with browser_harness.editor(url) as (page, problems):
+            yield page, url, server_harness.get_json(url, "/object_info"), problems
 
 
 def test_live_loss_chart_fills_during_training(browser_page):
     page, url, object_info, problems = browser_page
     workflow = swap_loaders_ui(json.loads((ROOT / "workflows" / "b-lora_train.json").read_text()), object_info)
-    page.evaluate("async (graph) => { await window.app.loadGraphData(graph); }", workflow)
+    browser_harness.load_workflow(page, workflow)
     train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "BLoRATrain")
     assert page.evaluate("(id) => document.body.contains(window.app.graph.getNodeById(id).bloraChart)", train_id)
     page.evaluate("() => window.app.queuePrompt(0, 1)")
@@ -81,8 +71,6 @@ def test_live_loss_chart_fills_during_training(browser_page):
     run = page.evaluate("(id) => window.app.graph.getNodeById(id).properties.blora_last_run", train_id)
     assert run["step"] == STEPS and run["total"] == STEPS and run["done"]
     assert all(isinstance(v, (int, float)) and v > 0 for v in run["losses"])
-    for _ in range(3):  # close the first-run template browser
-        page.keyboard.press("Escape")
     page.evaluate("(id) => { const c = window.app.canvas; c.centerOnNode(window.app.graph.getNodeById(id));"
                   " c.setDirty(true, true); }", train_id)
     time.sleep(1.0)

@@ -113,7 +113,7 @@ def unziplora_train_and_recombine():
     prompts = {"a": ("A monadikos cat in sketch style", "A monadikos cat", "A cat in sketch style"),
                "b": ("A monadikos rose in pop art style", "A monadikos rose", "A rose in pop art style")}
     for index, name in enumerate(("a", "b")):
-        base_id, row = 10 + 20 * index, 0 + 9 * index
+        base_id, row = 10 + 20 * index, 7 * index
         combined, content, style = prompts[name]
         nodes += [*image_latent(base_id, f"image_{name}.png", 1, 1, row),
                   text(base_id + 3, combined, 1, at(2, row), "Combined prompt"),
@@ -125,16 +125,16 @@ def unziplora_train_and_recombine():
                                                        "lora_name": f"unziplora/image_{name}"}, at(3, row))]
     nodes += [text(50, "", 1, at(0, 3), "Negative (empty)"), empty_latent(51, at(0, 5)),
               *sample(52, (16, 0), (13, 0), (50, 0), (51, 0), (1, 2), "unziplora/a_recombined", 4, 0),
-              text(55, "A monadikos cat in pop art style", 1, at(2, 18), "Cross-image prompt"),
+              text(55, "A monadikos cat in pop art style", 1, at(4, 7), "Cross-image prompt"),
               Node(56, "UnZipColumnMaskMerge", {"model": (1, 0), "content_lora": "unziplora/image_a_content.safetensors",
                                                 "style_lora": "unziplora/image_b_style.safetensors",
                                                 "content_merger": "none", "style_merger": "none",
-                                                "content_lora_file": (16, 1), "style_lora_file": (36, 2)}, at(3, 18)),
-              *sample(57, (56, 0), (55, 0), (50, 0), (51, 0), (1, 2), "unziplora/a_content_b_style", 4, 18)]
+                                                "content_lora_file": (16, 1), "style_lora_file": (36, 2)}, at(4, 9)),
+              *sample(57, (56, 0), (55, 0), (50, 0), (51, 0), (1, 2), "unziplora/a_content_b_style", 5, 7)]
     notes = [Note(80, "UnZipLoRA: train content and style LoRAs from each image, then recombine across images.\n\n"
                       "Top: image A -> Train UnZipLoRA -> its own content + style, recombined (the node's MODEL output).\n"
-                      "Middle: image B, the same.\n"
-                      "Bottom: A's content with B's style: UnZip Column Mask Merge on the files the two trainings "
+                      "Below: image B, the same.\n"
+                      "Right: A's content with B's style: UnZip Column Mask Merge on the files the two trainings "
                       "just saved (wired from their content_lora / style_lora outputs; mergers travel inside the "
                       "files). Later, pick any saved pair in its content_lora / style_lora lists instead "
                       "(disconnect the two file inputs), no training needed.\n\n"
