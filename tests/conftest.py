@@ -7,28 +7,14 @@ a passing one.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-import host_harness
+import pack_import
 
-PACK_NAME = "blora_pack"
+pack_import.register_pack()
+import host_harness  # noqa: E402  (imports the pack as blora_pack)
 
-
-def _register_pack() -> None:
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, host_harness.PACK_ROOT / "__init__.py",
-        submodule_search_locations=[str(host_harness.PACK_ROOT)],
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-
-
-_register_pack()
 COMFYUI_PATH, COMFYUI_FOUND_HOW = host_harness.find_comfyui()
 NO_HOST_REASON = (
     f"HOST TESTS SKIPPED: {COMFYUI_FOUND_HOW}. Set COMFYUI_PATH to a ComfyUI checkout "

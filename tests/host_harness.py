@@ -6,36 +6,10 @@ pack (its place in a real install, ``ComfyUI/custom_nodes/<pack>``), then ``~/Co
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-
-
-def is_comfyui_checkout(path: Path) -> bool:
-    return (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file()
-
-
-def candidate_paths() -> list[tuple[str, Path]]:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(("$COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"]).expanduser()))
-    candidates.append(("two levels above the pack", PACK_ROOT.parents[1]))
-    candidates.append(("~/ComfyUI", Path.home() / "ComfyUI"))
-    return candidates
-
-
-def find_comfyui() -> tuple[Path | None, str]:
-    """The host checkout and how it was found, or None and why none was."""
-    tried = []
-    for label, path in candidate_paths():
-        if is_comfyui_checkout(path):
-            return path.resolve(), f"{label}: {path.resolve()}"
-        tried.append(f"{label} ({path})")
-    return None, "no ComfyUI checkout at " + ", ".join(tried)
+from blora_pack.command_line.host import PACK_ROOT, find_comfyui, start_comfyui  # noqa: F401
 
 
 @dataclass
@@ -69,26 +43,13 @@ _started: Host | None = None
 
 
 def start_host(path: Path, cpu: bool = True) -> Host:
-    """Import ComfyUI from ``path`` (on the CPU unless ``cpu`` is False) with plain SDPA
-    attention, then load this pack through the host's own custom-node loader. Done once per
-    process."""
+    """ComfyUI imported in this process with this pack loaded by the host's own loader."""
     global _started
-    if _started is not None:
-        return _started
-    sys.path.insert(0, str(path))
-    from comfy.cli_args import args
+    if _started is None:
+        nodes = start_comfyui(path, cpu)
+        import folder_paths
 
-    args.cpu = cpu
-    args.use_pytorch_cross_attention = True
-    args.disable_api_nodes = True
-    import utils.extra_config  # noqa: F401  (before `nodes`, which puts comfy/ first on sys.path)
-    import folder_paths
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
-        raise RuntimeError(f"ComfyUI's custom-node loader could not load the pack at {PACK_ROOT}")
-    _started = Host(path, nodes, folder_paths, str(PACK_ROOT).replace(".", "_x_"))
+        _started = Host(path, nodes, folder_paths, str(PACK_ROOT).replace(".", "_x_"))
     return _started
 
 

@@ -1,70 +1,15 @@
-"""A tiny SDXL-architecture UNet built with ComfyUI's own classes, and its diffusers twin.
-
-Same block names and topology as SDXL (the B-LoRA blocks ``output_blocks.0.1`` and ``.1.1`` each
-hold two transformer blocks), a few million parameters, fixed-seed weights. The diffusers
-``UNet2DConditionModel`` receives the same weights through ComfyUI's ``unet_to_diffusers`` map:
-the pair is the reference harness every fidelity test uses.
+"""The tiny SDXL-architecture UNet (the pack's ``command_line/tiny.py``, built with ComfyUI's
+own classes) and its diffusers twin, which receives the same weights through ComfyUI's
+``unet_to_diffusers`` map: the pair is the reference harness every fidelity test uses.
 """
 
 from __future__ import annotations
 
 import torch
 
-TINY_UNET_CONFIG = {
-    "model_channels": 32,
-    "num_res_blocks": [2, 2, 2],
-    "channel_mult": [1, 2, 4],
-    "transformer_depth": [0, 0, 1, 1, 2, 2],
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
-    "transformer_depth_middle": 2,
-    "context_dim": 64,
-    "adm_in_channels": 2816,
-    "num_classes": "sequential",
-    "use_linear_in_transformer": True,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "in_channels": 4,
-    "out_channels": 4,
-}
-NUM_HEAD_CHANNELS = 16
-POOLED_DIM = 1280
-CONTEXT_DIM = TINY_UNET_CONFIG["context_dim"]
-
-
-def seeded_weights(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic weights for every parameter: fan-in scaled normals, unit norms."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, param in module.state_dict().items():
-        if name.endswith("weight") and param.ndim >= 2:
-            fan_in = param[0].numel()
-            weights[name] = torch.randn(param.shape, generator=generator) / fan_in ** 0.5
-        elif name.endswith("weight"):
-            weights[name] = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
-        else:
-            weights[name] = 0.02 * torch.randn(param.shape, generator=generator)
-    return weights
-
-
-def build_tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ComfyUI ModelPatcher around a tiny ``model_base.SDXL``."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.SDXL(dict(TINY_UNET_CONFIG))
-    config.unet_config["num_head_channels"] = NUM_HEAD_CHANNELS
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({})
-    unet = model.diffusion_model
-    unet.load_state_dict({k: v.to(dtype) for k, v in seeded_weights(unet, seed).items()})
-    return comfy.model_patcher.ModelPatcher(
-        model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
-    )
+from blora_pack.command_line.tiny import (  # noqa: F401  (re-exported for the tests)
+    CONTEXT_DIM, NUM_HEAD_CHANNELS, POOLED_DIM, TINY_UNET_CONFIG, build_tiny_sdxl, seeded_weights,
+)
 
 
 def build_tiny_sd15(seed: int = 0):

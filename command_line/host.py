@@ -1,0 +1,69 @@
+"""Finding ComfyUI and starting it in this process, as a library.
+
+Discovery order (the README documents it): ``$COMFYUI_PATH``, the folder two levels above the
+pack (its place in a real install, ``ComfyUI/custom_nodes/<pack>``), then ``~/ComfyUI``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_comfyui_checkout(path: Path) -> bool:
+    return (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file()
+
+
+def candidate_paths() -> list[tuple[str, Path]]:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(("$COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"]).expanduser()))
+    candidates.append(("two levels above the pack", PACK_ROOT.parents[1]))
+    candidates.append(("~/ComfyUI", Path.home() / "ComfyUI"))
+    return candidates
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    """The host checkout and how it was found, or None and why none was."""
+    tried = []
+    for label, path in candidate_paths():
+        if is_comfyui_checkout(path):
+            return path.resolve(), f"{label}: {path.resolve()}"
+        tried.append(f"{label} ({path})")
+    return None, "no ComfyUI checkout at " + ", ".join(tried)
+
+
+def start_comfyui(path: Path, cpu: bool = True):
+    """Import ComfyUI from ``path`` (on the CPU unless ``cpu`` is False, with plain SDPA
+    attention), its built-in nodes, and this pack through the host's own custom-node loader.
+    Returns ComfyUI's ``nodes`` module. Idempotent."""
+    if "nodes" in sys.modules and hasattr(sys.modules["nodes"], "NODE_CLASS_MAPPINGS") and _pack_module_name() in sys.modules:
+        return sys.modules["nodes"]
+    sys.path.insert(0, str(path))
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    args.use_pytorch_cross_attention = True
+    args.disable_api_nodes = True
+    import utils.extra_config  # noqa: F401  (before `nodes`, which puts comfy/ first on sys.path)
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
+        raise RuntimeError(f"ComfyUI's custom-node loader could not load the pack at {PACK_ROOT}")
+    return nodes
+
+
+def _pack_module_name() -> str:
+    return str(PACK_ROOT).replace(".", "_x_")
+
+
+def pack_module(submodule: str):
+    """A module of this pack as the host loaded it."""
+    import importlib
+
+    return importlib.import_module(f"{_pack_module_name()}.{submodule}")
