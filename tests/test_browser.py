@@ -20,8 +20,7 @@ import server_harness
 from conftest import COMFYUI_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import workflow_format  # noqa: E402
+from blora_pack.core import workflow_format  # noqa: E402
 
 ARTIFACTS = ROOT / "test-artifacts"
 STEPS = 4

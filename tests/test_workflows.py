@@ -22,8 +22,7 @@ import server_harness
 import tiny_models
 from conftest import COMFYUI_PATH
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import workflow_format  # noqa: E402
+from blora_pack.core import workflow_format
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "style_2.png", "content_photo.png")

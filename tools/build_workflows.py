@@ -15,8 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tools"))
-from workflow_format import Node, Note, build_ui  # noqa: E402
+import pack_import  # noqa: E402
+
+pack_import.register_pack()
+from blora_pack.core.workflow_format import Node, Note, build_ui  # noqa: E402
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SAMPLER = {"seed": 0, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}

@@ -1,0 +1,68 @@
+"""The command line, as a user runs it: ``python cli.py ...`` in a fresh process, on top of the
+ComfyUI checkout the tests found, with the tiny model (``--tiny``) and BLORA_OUTPUT_DIR."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+import host_harness
+from conftest import COMFYUI_PATH
+
+
+@pytest.fixture(scope="module")
+def cli(host, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cli_output")
+    image = output.parent / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(image)
+    environment = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "BLORA_OUTPUT_DIR": str(output)}
+
+    def run(*arguments, expect=0):
+        result = subprocess.run([sys.executable, str(host_harness.PACK_ROOT / "cli.py"), *arguments], env=environment,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    return run, output, image
+
+
+def test_train_then_stylize_generate_and_run(cli):
+    run, output, image = cli
+    result = run("train", "--tiny", "--image", str(image), "--steps", "5", "--name", "b-lora/photo")
+    assert "its images are noise" in result.stdout and "saved b-lora/photo.safetensors (5 steps" in result.stdout
+    with safe_open(str(output / "loras" / "b-lora" / "photo.safetensors"), "pt") as handle:
+        assert handle.metadata()["blora.steps"] == "5"
+    run("stylize", "--tiny", "--content", "b-lora/photo", "--text", "A [v] made of gold")
+    run("generate", "--tiny", "--style", "b-lora/photo", "--text", "A backpack in [v] style")
+    assert sorted(p.name for p in (output / "blora").iterdir()) == ["generate_00001_.png", "stylize_00001_.png"]
+    result = run("run", "b-lora_text_stylization", "--tiny", "--set", "Load Content LoRA.lora_name=b-lora/photo.safetensors",
+                 "--set", "KSampler.steps=2", "--set", "EmptyLatentImage.width=64", "--set", "EmptyLatentImage.height=64")
+    assert "text_stylization_00001_.png" in result.stdout
+
+
+def test_unzip_train_and_recombine(cli):
+    run, output, image = cli
+    run("unzip", "train", "--tiny", "--image", str(image), "--prompt", "A monadikos cat in sketch style",
+        "--content-prompt", "A monadikos cat", "--style-prompt", "A cat in sketch style", "--rank", "4", "--steps", "4")
+    assert (output / "loras" / "unziplora" / "photo_style.safetensors").is_file()
+    result = run("unzip", "recombine", "--tiny", "--content", "unziplora/photo_content", "--style", "unziplora/photo_style",
+                 "--prompt", "A monadikos cat in sketch style")
+    assert "recombined_00001_.png" in result.stdout
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["stylize", "--tiny", "--content", "b-lora/nope", "--text", "x"], "is not in the loras folder"),
+    (["train", "--tiny", "--image", "/no/such.png"], "No image at /no/such.png"),
+    (["train", "--image", "x.png"], "Give --checkpoint"),
+    (["run", "b-lora_train", "--tiny", "--set", "Nothing.steps=3"], "no node with id, title, name or type 'Nothing'"),
+    (["run", "no_such_workflow", "--tiny"], "shipped ones: b-lora_consistent_style"),
+])
+def test_clear_errors(cli, arguments, message):
+    run, _, _ = cli
+    assert message in run(*arguments, expect=2).stderr
