@@ -85,6 +85,12 @@ function attachChart(node) {
   draw(canvas, node.properties[PROPERTY] || {});
 }
 
+// The editor saves the open workflow (and so node properties) when its change tracker sees a
+// change; a property set from an event is not one, so ask it to look.
+function persistWorkflow() {
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
 let recipeDefaults = null;
 async function loadRecipeDefaults() {
   if (recipeDefaults) return recipeDefaults;
@@ -125,6 +131,7 @@ app.registerExtension({
       });
       node.properties[PROPERTY] = run;
       draw(node.bloraChart, run);
+      if (run.done || detail.step % 50 === 0) persistWorkflow();
     });
   },
   nodeCreated(node) {

@@ -79,6 +79,13 @@ def test_live_loss_chart_fills_during_training(browser_page):
     ours = [p for p in problems if "blora" in p[0] or "blora" in p[1]]
     assert ours == [], ours
 
+    page.reload()  # the editor restores the open workflow; the last run's chart comes with it
+    page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=90_000)
+    page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id);"
+                           " return n && n.bloraChart && n.properties.blora_last_run; }", arg=train_id, timeout=30_000)
+    restored = page.evaluate("(id) => window.app.graph.getNodeById(id).properties.blora_last_run", train_id)
+    assert restored["losses"] == run["losses"] and restored["done"]
+
 
 def test_recipe_choice_fills_in_its_defaults(browser_page):
     page, _, _, problems = browser_page
