@@ -52,9 +52,10 @@ def _is_widget(spec) -> bool:
     return _spec_type(spec) in WIDGET_TYPES and not options.get("forceInput")
 
 
-def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
+def _ordered_inputs(info: dict, with_section: bool = False) -> list[tuple]:
     order = info.get("input_order") or {section: list(info["input"].get(section, {})) for section in ("required", "optional")}
-    return [(name, info["input"][section][name]) for section in ("required", "optional") for name in order.get(section, [])]
+    return [(name, info["input"][section][name], section) if with_section else (name, info["input"][section][name])
+            for section in ("required", "optional") for name in order.get(section, [])]
 
 
 def _extra_widget_values(spec) -> list:
@@ -145,10 +146,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         linked = {entry["name"]: links[entry["link"]] for entry in node.get("inputs", []) if entry.get("link") is not None}
         values = list(node.get("widgets_values") or [])
         inputs, position = {}, 0
-        for name, spec in _ordered_inputs(info):
+        for name, spec, section in _ordered_inputs(info, with_section=True):
             if _is_widget(spec):
                 extras = _extra_widget_values(spec)
                 if position + 1 + len(extras) > len(values):
+                    if section == "optional" and position == len(values):
+                        inputs[name] = _default(spec)  # saved before this optional input was appended
+                        continue
                     raise WorkflowError(f"node {node['id']} ({node['type']}): too few widget values for {name!r}")
                 inputs[name] = values[position]
                 position += 1 + len(extras)

@@ -180,3 +180,23 @@ def unet_predict(clone, conditionings: list[ImageConditioning], device: torch.de
         return unet(noisy.to(dtype), timesteps=timesteps, context=context, y=y)
 
     return predict
+
+
+PREVIEW_STEPS = 8
+
+
+def preview_image(clone, predict, latent_shape, schedule, config, device):
+    """A PIL image of a quick sample from the model as it is now (the LoRA being trained
+    included), shown through the host's own latent-to-RGB previewer: no VAE needed."""
+    import latent_preview
+
+    from ..training.preview import ddim_sample
+    from ..training.trainer import AUTOCAST_DTYPES
+
+    dtype = AUTOCAST_DTYPES[config.precision]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        latent = ddim_sample(predict, latent_shape, schedule, PREVIEW_STEPS, config.seed, config.prediction,
+                             device=device)
+    latent_format = clone.model.latent_format
+    previewer = latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias)
+    return previewer.decode_latent_to_preview(latent)

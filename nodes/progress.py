@@ -29,10 +29,11 @@ class TrainingProgress:
         self.console = tqdm(total=total, initial=start, desc=label, unit="step")
         self.seconds_per_step = None
 
-    def on_step(self, step: int, total: int, loss: float, seconds: float) -> None:
+    def on_step(self, step: int, total: int, loss: float, seconds: float, preview=None) -> None:
+        """``preview``: a PIL image shown on the node (the host's preview channel)."""
         self.seconds_per_step = seconds if self.seconds_per_step is None else 0.9 * self.seconds_per_step + 0.1 * seconds
         remaining = (total - step) * self.seconds_per_step
-        self.bar.update_absolute(step, total)
+        self.bar.update_absolute(step, total, ("JPEG", preview, 512) if preview is not None else None)
         self.console.update(1)
         self.console.set_postfix(loss=f"{loss:.4f}")
         if step == total:

@@ -62,6 +62,9 @@ class TrainBLoRA(io.ComfyNode):
                 io.Boolean.Input("export_diffusers", default=False, optional=True,
                                  tooltip="Also write <name>_diffusers/pytorch_lora_weights.safetensors in the official "
                                          "B-LoRA / diffusers format."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Every N steps, show a quick sample of the LoRA being trained on this node "
+                                     "(0: off). Costs a few UNet passes each time."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -77,16 +80,16 @@ class TrainBLoRA(io.ComfyNode):
     def execute(cls, model, latents, positive, steps: int, learning_rate: float, rank: int, seed: int,
                 lora_name: str, precision: str, checkpoint_every: int = 250, resume: bool = False,
                 recipe: str = recipes.B_LORA.name, alpha: float = 0.0, prompt: str = "A [v]",
-                export_diffusers: bool = False) -> io.NodeOutput:
+                export_diffusers: bool = False, preview_every: int = 0) -> io.NodeOutput:
         # The executor runs nodes under inference mode; tensors made there cannot take part in
         # autograd, so everything the training touches is made outside it.
         with torch.inference_mode(False):
             return cls._train(model, latents, positive, steps, learning_rate, rank, seed, lora_name, precision,
-                              checkpoint_every, resume, recipe, alpha, prompt, export_diffusers)
+                              checkpoint_every, resume, recipe, alpha, prompt, export_diffusers, preview_every)
 
     @classmethod
     def _train(cls, model, latents, positive, steps, learning_rate, rank, seed, lora_name, precision,
-               checkpoint_every, resume, recipe, alpha, prompt, export_diffusers) -> io.NodeOutput:
+               checkpoint_every, resume, recipe, alpha, prompt, export_diffusers, preview_every) -> io.NodeOutput:
         loras_root = Path(folder_paths.get_folder_paths(host_model.LORAS_FOLDER)[0])
         final_path = files.path_inside(loras_root, lora_name)
         host_model.require_sdxl(model, "Train B-LoRA")
@@ -116,7 +119,7 @@ class TrainBLoRA(io.ComfyNode):
             return {checkpoint_file: (lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata)}
 
         run = TrainingRun(model, samples, conditionings, adapters, config, final_path, fingerprint, checkpoint_files,
-                          weight_wrappers=dict(adapters.items()))
+                          weight_wrappers=dict(adapters.items()), preview_every=preview_every)
         state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train B-LoRA")
         trained = adapters.to_lora_weights({**metadata, "blora.created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         saved = _save_outputs(trained, final_path, export_diffusers)

@@ -32,6 +32,8 @@ class TrainingRun:
     checkpoint_files: Callable[[], dict[Path, tuple[dict, dict]]]
     """The LoRA files a checkpoint writes for users, as ``path: (state_dict, metadata)``."""
     method: TrainingMethod | None = None
+    preview_every: int = 0
+    """Every N steps, a quick sample from the LoRA being trained is shown on the node (0: never)."""
     weight_wrappers: dict = field(default_factory=dict)
     module_wrappers: dict = field(default_factory=dict)
 
@@ -53,14 +55,23 @@ class TrainingRun:
             logging.info("Training: checkpoint at step %d saved beside %s", state.step, self.final_path)
 
         reporter = progress.TrainingProgress(label, self.config.steps, node_id, start=resume_state.step if resume_state else 0)
-        hooks = TrainingHooks(on_step=reporter.on_step,
-                              check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                              save_checkpoint=save_checkpoint)
         with host_training.training_model(self.model, self.trainable, self.weight_wrappers,
                                           self.module_wrappers) as (clone, device):
             predict = host_training.unet_predict(clone, self.conditionings, device)
-            return train(self.trainable, predict, self.samples.to(device),
-                         host_training.noise_schedule(clone).to(device), self.config, hooks, resume_state, self.method)
+            schedule = host_training.noise_schedule(clone).to(device)
+
+            def on_step(step, total, loss, seconds):
+                preview = None
+                if self.preview_every and (step % self.preview_every == 0 or step == total):
+                    preview = host_training.preview_image(clone, predict, self.samples[:1].shape, schedule,
+                                                          self.config, device)
+                reporter.on_step(step, total, loss, seconds, preview)
+
+            hooks = TrainingHooks(on_step=on_step,
+                                  check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                                  save_checkpoint=save_checkpoint)
+            return train(self.trainable, predict, self.samples.to(device), schedule, self.config, hooks,
+                         resume_state, self.method)
 
     def remove_checkpoint(self) -> None:
         checkpoint.remove_checkpoint(self.sidecar, self.checkpoint_files())

@@ -78,6 +78,8 @@ class TrainUnZipLoRA(io.ComfyNode):
                                step=1e-12, round=False, optional=True,
                                tooltip="Column scores count input rows with |W x G| above this, on unscaled "
                                        "gradients. The default equals the official 1e-5 at fp16 loss scale 2^16."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Every N steps, show a quick sample of the LoRAs being trained (0: off)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with both LoRAs merged (mergers applied)."),
@@ -95,7 +97,7 @@ class TrainUnZipLoRA(io.ComfyNode):
                 style_learning_rate, merger_learning_rate, rank, sample_times, column_ratio, seed, lora_name,
                 precision, checkpoint_every=200, resume=False, prompt_separation=True, column_separation=True,
                 block_separation=True, avoid_content_columns=True, overlap_weight=0.5, prompt="",
-                cone_threshold=unziplora.UNSCALED_CONE_THRESHOLD) -> io.NodeOutput:
+                cone_threshold=unziplora.UNSCALED_CONE_THRESHOLD, preview_every=0) -> io.NodeOutput:
         with torch.inference_mode(False):
             settings = unziplora.UnZipConfig(
                 sample_times=sample_times, column_ratio=column_ratio, merger_learning_rate=merger_learning_rate,
@@ -105,11 +107,11 @@ class TrainUnZipLoRA(io.ComfyNode):
                 cone_threshold=cone_threshold)
             return cls._train(model, latents, positive, content_positive, style_positive, steps,
                               content_learning_rate, rank, seed, lora_name, precision, checkpoint_every, resume,
-                              settings, prompt)
+                              settings, prompt, preview_every)
 
     @classmethod
     def _train(cls, model, latents, positive, content_positive, style_positive, steps, learning_rate, rank, seed,
-               lora_name, precision, checkpoint_every, resume, settings, prompt) -> io.NodeOutput:
+               lora_name, precision, checkpoint_every, resume, settings, prompt, preview_every) -> io.NodeOutput:
         loras_root = Path(folder_paths.get_folder_paths(host_model.LORAS_FOLDER)[0])
         final_path = files.path_inside(loras_root, lora_name)
         output_paths = {role: final_path.with_name(f"{final_path.stem}_{role}.safetensors") for role in unziplora.ROLES}
@@ -140,7 +142,8 @@ class TrainUnZipLoRA(io.ComfyNode):
         checkpoint_paths = {role: checkpoint.checkpoint_path(final_path, f"_{role}") for role in unziplora.ROLES}
         run = TrainingRun(model, samples, conditionings, method.modules, config, final_path, fingerprint,
                           lambda: lora_files(checkpoint_paths), method=method,
-                          module_wrappers=unziplora.module_wrappers(layers, role_contexts, settings))
+                          module_wrappers=unziplora.module_wrappers(layers, role_contexts, settings),
+                          preview_every=preview_every)
         state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train UnZipLoRA")
         method.finish()
         created = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -338,3 +338,19 @@ def test_the_stock_loader_capture_sees_a_key_not_loaded(host, loaded_sdxl, caplo
     with caplog.at_level(logging.WARNING):
         comfy.sd.load_lora_for_models(loaded_sdxl, None, {"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 2)}, 1.0, 0.0)
     assert any("lora key not loaded" in r.getMessage() for r in caplog.records)
+
+
+def test_preview_every_n_steps_reaches_the_progress_bar(host, loaded_sdxl, loras_dir, image_and_prompt):
+    import comfy.utils
+
+    previews = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: preview is not None and previews.append((value, preview)))
+    try:
+        train(host, loaded_sdxl, image_and_prompt, steps=5, preview_every=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert [value for value, _ in previews] == [2, 4, 5]
+    kind, image, size = previews[0][1]
+    assert kind == "JPEG" and image.size == (8, 8) and size == 512

@@ -80,7 +80,13 @@ def test_a_wrong_widget_count_or_unknown_node_is_caught(server):
     url, object_info = server
     workflow = json.loads(next(w for w in WORKFLOWS if w.name == "b-lora_train.json").read_text())
     node = next(n for n in workflow["nodes"] if n["type"] == "BLoRATrain")
-    node["widgets_values"] = node["widgets_values"][:-1]
+    saved = list(node["widgets_values"])
+    node["widgets_values"] = saved[:-1]  # saved before the last optional input was appended: still loads
+    assert workflow_format.ui_to_api(workflow, object_info)[str(node["id"])]["inputs"]["preview_every"] == 0
+    node["widgets_values"] = saved[:3]
+    with pytest.raises(workflow_format.WorkflowError, match="too few widget values"):
+        workflow_format.ui_to_api(workflow, object_info)
+    node["widgets_values"] = saved + [1]
     with pytest.raises(workflow_format.WorkflowError, match="widget values"):
         workflow_format.ui_to_api(workflow, object_info)
     node["type"] = "NoSuchNode"
