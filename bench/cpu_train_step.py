@@ -12,8 +12,6 @@ state; the median step time of each is reported with the ratio pack / reference 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pack_import  # noqa: E402
+
+pack_import.register_pack()
 import host_harness  # noqa: E402
+import report  # noqa: E402
 import tiny_models  # noqa: E402
 
 
@@ -110,12 +113,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in runners.items():
             samples[name] += run()[2:]  # the first steps of a round warm caches up
-    median = {name: statistics.median(values) for name, values in samples.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"tiny SDXL UNet, latent {args.size}x{args.size}, rank {args.rank}, fp32, {args.rounds} x {args.steps} steps each")
-    for name, value in median.items():
-        print(f"{name:>9}: {value * 1000:8.1f} ms/step (median)")
-    print(f"ratio pack/reference: {median['pack'] / median['reference']:.3f}  (goal <= 1.0)")
+    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, rank {args.rank}, fp32, {args.rounds} x {args.steps} steps each", "goal <= 1.0")
 
 
 if __name__ == "__main__":

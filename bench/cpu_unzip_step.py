@@ -12,8 +12,6 @@ alternate; the median step time of each is reported with the ratio pack / refere
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pack_import  # noqa: E402
+
+pack_import.register_pack()
 import host_harness  # noqa: E402
+import report  # noqa: E402
 import tiny_models  # noqa: E402
 
 
@@ -79,12 +82,7 @@ def main() -> None:
             start = time.perf_counter()
             reference.train(x0, draws, y_inputs, positive[0][0], args.steps)
             samples["reference"].append((time.perf_counter() - start) / args.steps)
-    median = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32")
-    for name, value in median.items():
-        print(f"{name:>9}: {value * 1000:8.1f} ms/step (median)")
-    print(f"ratio pack/reference: {median['pack'] / median['reference']:.3f}")
+    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32", "")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import pack_import  # noqa: E402
+
+pack_import.register_pack()
 import host_harness  # noqa: E402
 
 SDXL_UNET_CONFIG = {

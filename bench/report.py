@@ -1,0 +1,18 @@
+"""How the CPU benchmarks print their result: the machine, the setup, each side's median step
+time and the ratio pack / reference."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+
+import torch
+
+
+def print_ratio(samples: dict[str, list[float]], setup: str, goal: str = "") -> None:
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(setup)
+    for name, value in median.items():
+        print(f"{name:>9}: {value * 1000:8.1f} ms/step (median)")
+    print(f"ratio pack/reference: {median['pack'] / median['reference']:.3f}" + (f"  ({goal})" if goal else ""))
