@@ -105,13 +105,21 @@ def lora_name(value: str) -> str:
     return value if value.endswith(".safetensors") else value + ".safetensors"
 
 
+RECIPE_NAMES = {"b-lora": "B-LoRA blocks (content + style)", "style": "all attention layers (style LoRA)"}
+
+
 def command_train(args) -> None:
+    from ..training.recipes import RECIPES
+
+    recipe = RECIPES[RECIPE_NAMES[args.recipe]]
     session = Session(args)
-    steps = args.steps if args.steps is not None else (200 if args.tiny else 1000)
+    steps = args.steps if args.steps is not None else (200 if args.tiny else recipe.steps)
     session.graph.node("BLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
-                       positive=session.text(args.prompt), steps=steps, learning_rate=args.learning_rate,
-                       rank=args.rank, seed=args.seed, lora_name=args.name or f"b-lora/{Path(args.image).stem}",
-                       precision=args.precision, prompt=args.prompt, export_diffusers=args.export_diffusers)
+                       positive=session.text(args.prompt), steps=steps,
+                       learning_rate=args.learning_rate or recipe.learning_rate, rank=args.rank or recipe.rank,
+                       seed=args.seed, lora_name=args.name or f"b-lora/{Path(args.image).stem}",
+                       precision=args.precision, recipe=recipe.name, prompt=args.prompt,
+                       export_diffusers=args.export_diffusers)
     session.run()
 
 
@@ -222,8 +230,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--prompt", default="A [v]")
     train.add_argument("--name", help="output name in the loras folder (default b-lora/<image name>)")
     train.add_argument("--steps", type=int)
-    train.add_argument("--rank", type=int, default=64)
-    train.add_argument("--learning-rate", type=float, default=5e-5)
+    train.add_argument("--recipe", choices=sorted(RECIPE_NAMES), default="b-lora",
+                       help="b-lora: the two B-LoRA blocks (rank 64, lr 5e-5); style: all attention layers, the "
+                            "style-LoRA recipe (rank 8, alpha 16, lr 1e-5)")
+    train.add_argument("--rank", type=int, help="default: the recipe's")
+    train.add_argument("--learning-rate", type=float, help="default: the recipe's")
     train.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
     train.add_argument("--export-diffusers", action="store_true", help="also write the official diffusers format")
     train.set_defaults(run=command_train)

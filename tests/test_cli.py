@@ -38,6 +38,9 @@ def test_train_then_stylize_generate_and_run(cli):
     assert "its images are noise" in result.stdout and "saved b-lora/photo.safetensors (5 steps" in result.stdout
     with safe_open(str(output / "loras" / "b-lora" / "photo.safetensors"), "pt") as handle:
         assert handle.metadata()["blora.steps"] == "5"
+    run("train", "--tiny", "--image", str(image), "--steps", "2", "--name", "style/photo", "--recipe", "style")
+    with safe_open(str(output / "loras" / "style" / "photo.safetensors"), "pt") as handle:
+        assert (handle.metadata()["blora.rank"], handle.metadata()["blora.alpha"]) == ("8", "16")
     run("stylize", "--tiny", "--content", "b-lora/photo", "--text", "A [v] made of gold")
     run("generate", "--tiny", "--style", "b-lora/photo", "--text", "A backpack in [v] style")
     assert sorted(p.name for p in (output / "blora").iterdir()) == ["generate_00001_.png", "stylize_00001_.png"]
