@@ -8,10 +8,12 @@ from .loaders import LoadContentLoRA, LoadStyleLoRA
 from .train import TrainBLoRA
 from .unzip_merge import UnZipColumnMaskMerge
 from .unzip_train import TrainUnZipLoRA
+from .rechar import ReCharStructureFuse
 from . import routes
 
 
 class BLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         routes.register()  # the host loader asks for the node list once, while it loads the pack
-        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA, UnZipColumnMaskMerge, TrainUnZipLoRA]
+        return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA, UnZipColumnMaskMerge, TrainUnZipLoRA,
+                ReCharStructureFuse]

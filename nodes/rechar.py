@@ -1,0 +1,95 @@
+"""ReChar Structure Fuse: a character's structure from one B-LoRA, a style from another."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.patcher_extension
+import folder_paths
+from comfy_api.latest import io
+
+from ..core import blora, sdxl_unet
+from ..core.glyph import canny_edges
+from ..core.windowed_lora import Gate, WindowedLoraLinear, in_window, sigma_window
+from . import host_model
+
+CATEGORY = "B-LoRA"
+WRAPPER_KEY = "blora_rechar_structure_window"
+
+
+def _windowed(model, weights, strength: float, start: float, end: float):
+    """A clone whose structure layers add their LoRA only for steps inside [start, end]."""
+    clone = model.clone()
+    gate = Gate()
+    for path, layer in weights.layers.items():
+        name = f"diffusion_model.{path}"
+        down, up = layer.down.flatten(1), layer.up.flatten(1)
+        clone.add_object_patch(name, WindowedLoraLinear(model.get_model_object(name), down, up,
+                                                        strength * layer.scale, gate))
+    high, low = sigma_window(model.get_model_object("model_sampling"), start, end)
+
+    def open_gate_in_window(executor, x, t, *args, **kwargs):
+        gate.open = in_window(float(t.flatten()[0]), high, low)
+        return executor(x, t, *args, **kwargs)
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, open_gate_in_window)
+    return clone
+
+
+class ReCharStructureFuse(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        loras = folder_paths.get_filename_list(host_model.LORAS_FOLDER)
+        return io.Schema(
+            node_id="ReCharStructureFuse",
+            display_name="ReChar Structure Fuse",
+            category=CATEGORY,
+            description=(
+                "ReChar: the content block (output_blocks.0.1) of the structure B-LoRA (trained on the character or "
+                "glyph) with the style block (output_blocks.1.1) of the style B-LoRA; nothing else. With a glyph, "
+                "also its Canny edges (100/200 at 1024 px, as ReChar) for the host's ControlNet nodes. This pack's "
+                "addition: structure_start / structure_end limit the structure block to part of the sampling "
+                "schedule, through the host's object patches and a sampling wrapper (no re-patching of weights)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
+                io.Combo.Input("structure_lora", options=loras, tooltip="B-LoRA trained on the character/glyph."),
+                io.Combo.Input("style_lora", options=loras, tooltip="B-LoRA trained on the style reference."),
+                io.Float.Input("structure_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Image.Input("glyph", optional=True, tooltip="The character image, for the Canny control map."),
+                io.Float.Input("structure_start", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of the schedule where the structure block starts acting."),
+                io.Float.Input("structure_end", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of the schedule where it stops."),
+                io.Combo.Input("strength_mode", options=list(blora.STRENGTH_MODES), default=blora.STRENGTH_MODES[0],
+                               optional=True, tooltip="official: strengths are ReChar's alphas (squared)."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="Structure block from the structure LoRA, style block from the style LoRA."),
+                io.Image.Output(display_name="glyph_edges", tooltip="Canny edges of the glyph (empty without one)."),
+                io.Mask.Output(display_name="edge_mask", tooltip="The same edges as a mask."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, structure_lora: str, style_lora: str, structure_strength: float, style_strength: float,
+                glyph=None, structure_start: float = 0.0, structure_end: float = 1.0,
+                strength_mode: str = blora.STRENGTH_MODES[0]) -> io.NodeOutput:
+        host_model.require_sdxl(model, "ReChar Structure Fuse")
+        if not 0.0 <= structure_start < structure_end <= 1.0:
+            raise ValueError(f"structure_start ({structure_start}) must be below structure_end ({structure_end}), "
+                             "both between 0 and 1.")
+        structure = host_model.read_lora(structure_lora).only_block(sdxl_unet.CONTENT_BLOCK, "structure (content)")
+        style = host_model.read_lora(style_lora).only_block(sdxl_unet.STYLE_BLOCK, "style")
+        structure_factor = blora.delta_strength(structure_strength, strength_mode)
+        patched = host_model.patched_clone(model, style, blora.delta_strength(style_strength, strength_mode))
+        if (structure_start, structure_end) == (0.0, 1.0):
+            patched = host_model.patched_clone(patched, structure, structure_factor)
+        else:
+            host_model.check_shapes(model, structure)
+            patched = _windowed(patched, structure, structure_factor, structure_start, structure_end)
+        if glyph is None:
+            return io.NodeOutput(patched, None, None)
+        edges = torch.stack([canny_edges(image) for image in glyph])
+        return io.NodeOutput(patched, edges[..., None].expand(*edges.shape, 3).contiguous(), edges)
