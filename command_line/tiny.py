@@ -90,6 +90,32 @@ def tiny_conditioning(text: str):
     return [[context, {"pooled_output": pooled}]]
 
 
+def tiny_controlnet(seed: int = 0):
+    """An SDXL-architecture ControlNet of the same tiny size, in ComfyUI's own wrapper."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+
+    config = {k: v for k, v in TINY_UNET_CONFIG.items() if k != "out_channels"}
+    control_model = comfy.cldm.cldm.ControlNet(**config, num_head_channels=NUM_HEAD_CHANNELS, hint_channels=3,
+                                               device=comfy.model_management.unet_offload_device())
+    control_model.load_state_dict(seeded_weights(control_model, seed))
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
+
+
+class TinyControlNetLoader:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
+
+    def load(self, seed):
+        return (tiny_controlnet(seed),)
+
+
 class TinySDXLCheckpointLoader:
     CATEGORY = "testing"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
@@ -116,4 +142,5 @@ class TinyTextEncode:
         return (tiny_conditioning(text),)
 
 
-TINY_NODES = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyTextEncode": TinyTextEncode}
+TINY_NODES = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyTextEncode": TinyTextEncode,
+              "TinyControlNetLoader": TinyControlNetLoader}

@@ -3,7 +3,8 @@
 Each UI-format file is converted to the API format with the host's own node definitions (as
 the editor's "Export (API)"), then run by a real ComfyUI server on loopback. Only the loaders
 are swapped for tiny fixtures (checkpoint -> TinySDXLCheckpointLoader, CLIPTextEncode ->
-TinyTextEncode); for CPU time, step counts and image sizes are scaled down, nothing else.
+TinyTextEncode, ControlNetLoader -> TinyControlNetLoader); for CPU time, step counts and image
+sizes are scaled down, nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from conftest import COMFYUI_PATH
 from blora_pack.core import workflow_format
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
-INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "style_2.png", "content_photo.png")
+INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "style_2.png", "content_photo.png",
+                "glyph.png")
 SCALED_DOWN = {
     "BLoRATrain": {"steps": 2}, "UnZipLoRATrain": {"steps": 3}, "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64}, "ImageScaleToTotalPixels": {"megapixels": 0.01},
@@ -42,7 +44,7 @@ def server(host, tmp_path_factory):
             Image.fromarray(pixels).save(workdir / "input" / name)
         shapes = lora_namings.b_lora_shapes(tiny_models.build_tiny_sdxl().model.diffusion_model.state_dict())
         (workdir / "loras" / "b-lora").mkdir()
-        for seed, name in enumerate(("content_image", "style_image")):
+        for seed, name in enumerate(("content_image", "style_image", "glyph")):
             layers = lora_namings.random_layers(shapes, rank=4, seed=seed)
             save_file(lora_namings.write_naming(layers, "official"), str(workdir / "loras" / "b-lora" / f"{name}.safetensors"))
         yield url, server_harness.get_json(url, "/object_info")
@@ -54,6 +56,8 @@ def runnable(prompt: dict) -> dict:
             node["class_type"], node["inputs"] = "TinySDXLCheckpointLoader", {"seed": 0}
         elif node["class_type"] == "CLIPTextEncode":
             node["class_type"], node["inputs"] = "TinyTextEncode", {"text": node["inputs"]["text"]}
+        elif node["class_type"] == "ControlNetLoader":
+            node["class_type"], node["inputs"] = "TinyControlNetLoader", {"seed": 0}
         node["inputs"].update(SCALED_DOWN.get(node["class_type"], {}))
     return prompt
 
@@ -61,7 +65,8 @@ def runnable(prompt: dict) -> dict:
 def test_workflows_are_shipped():
     assert {w.name for w in WORKFLOWS} >= {
         "b-lora_train.json", "b-lora_style_transfer.json", "b-lora_text_stylization.json",
-        "b-lora_consistent_style.json", "unziplora_train_and_recombine.json", "lora_style_transfer_sdedit.json"}
+        "b-lora_consistent_style.json", "unziplora_train_and_recombine.json", "lora_style_transfer_sdedit.json",
+        "rechar_character.json"}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])

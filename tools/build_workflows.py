@@ -176,6 +176,44 @@ def lora_style_transfer_sdedit():
     return nodes, notes
 
 
+def rechar_character():
+    nodes = [checkpoint(1, at(0, 0)),
+             Node(2, "LoadImage", {"image": "glyph.png"}, at(0, 2.5), "Character / glyph"),
+             Node(3, "ControlNetLoader", {"control_net_name": "controlnet-canny-sdxl-1.0.safetensors"}, at(0, 6)),
+             Node(4, "ReCharStructureFuse", {"model": (1, 0), "structure_lora": "b-lora/glyph.safetensors",
+                                             "style_lora": "b-lora/style_image.safetensors", "glyph": (2, 0),
+                                             "strength_mode": "official B-LoRA (squared)"}, at(1, 0)),
+             text(5, "", 1, at(1, 4), "Negative (empty)"), empty_latent(6, at(1, 6))]
+    passes = [  # (prompt, model, seed, title): ReChar's structure pass, style pass and fusion
+        ("A [v3] content", None, 42, "structure"), ("A landscape in [v101] style", None, 43, "style"),
+        ("A beautiful landscape", (4, 0), 44, "fused")]
+    nodes.append(Node(10, "BLoRALoadContentLoRA", {"model": (1, 0), "lora_name": "b-lora/glyph.safetensors",
+                                                   "strength": 1.0, "strength_mode": "official B-LoRA (squared)"},
+                      at(2, 0), "Structure pass: content block only"))
+    nodes.append(Node(11, "BLoRALoadStyleLoRA", {"model": (1, 0), "lora_name": "b-lora/style_image.safetensors",
+                                                 "strength": 1.0, "strength_mode": "official B-LoRA (squared)"},
+                      at(2, 6), "Style pass: style block only"))
+    models = {"structure": (10, 0), "style": (11, 0)}
+    for index, (prompt, model, seed, title) in enumerate(passes):
+        base, row = 20 + 10 * index, 6 * index
+        nodes += [text(base, prompt, 1, at(3, row), f"Prompt ({title} pass)"),
+                  Node(base + 1, "ControlNetApplyAdvanced", {"positive": (base, 0), "negative": (5, 0), "control_net": (3, 0),
+                                                             "image": (4, 1), "strength": 0.5, "start_percent": 0.0,
+                                                             "end_percent": 1.0, "vae": (1, 2)}, at(4, row)),
+                  *sample(base + 2, model or models[title], (base + 1, 0), (base + 1, 1), (6, 0), (1, 2),
+                          f"rechar/{title}", 5, row, seed=seed, steps=50, cfg=5.0 if title != "fused" else 7.5)]
+    notes = [Note(90, "ReChar with core nodes: a character keeps its structure, takes a reference's style, and gets "
+                      "decoration from text.\n\nTrain two B-LoRAs first (b-lora_train): one on the glyph ('A [v3]'), "
+                      "one on the style reference ('A [v101]'). The glyph's Canny edges (ReChar's 100/200 at 1024 px, "
+                      "from ReChar Structure Fuse) drive the SDXL canny ControlNet in every pass (strength 0.5).\n"
+                      "Top: structure pass (content block of the glyph B-LoRA). Middle: style pass (style block of the "
+                      "style B-LoRA). Bottom: the fusion: both blocks (ReChar Structure Fuse) with the decoration prompt. "
+                      "ReChar's own final pass adds two IP-Adapters fed with the first two images: see the _ipadapter "
+                      "variant.\n\nstructure_start / structure_end on ReChar Structure Fuse limit the structure block "
+                      "to part of the schedule (this pack's addition).", at(0, -3), (1100, 240))]
+    return nodes, notes
+
+
 WORKFLOWS = {
     "b-lora_train.json": b_lora_train,
     "b-lora_style_transfer.json": lambda: b_lora_apply("style_transfer"),
@@ -183,6 +221,7 @@ WORKFLOWS = {
     "b-lora_consistent_style.json": lambda: b_lora_apply("consistent_style"),
     "unziplora_train_and_recombine.json": unziplora_train_and_recombine,
     "lora_style_transfer_sdedit.json": lora_style_transfer_sdedit,
+    "rechar_character.json": rechar_character,
 }
 
 
