@@ -31,12 +31,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0):
-    """Yields the server's base URL; the server and its folders live under ``workdir``."""
+def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_packs: tuple[Path, ...] = ()):
+    """Yields the server's base URL; the server and its folders live under ``workdir``.
+    ``extra_packs``: other custom-node folders to load too (e.g. the IP-Adapter pack)."""
     custom_nodes = workdir / "custom_nodes"
     custom_nodes.mkdir(parents=True)
     (custom_nodes / PACK_FOLDER_NAME).symlink_to(host_harness.PACK_ROOT, target_is_directory=True)
     (custom_nodes / FIXTURE_NODES.name).symlink_to(FIXTURE_NODES, target_is_directory=True)
+    for pack in extra_packs:
+        (custom_nodes / Path(pack).name).symlink_to(Path(pack).resolve(), target_is_directory=True)
     for folder in ("loras", "output", "input", "user", "temp"):
         (workdir / folder).mkdir()
     config = workdir / "extra_model_paths.yaml"
@@ -109,3 +112,9 @@ def run_prompt(url: str, prompt: dict, timeout: float = 300.0) -> tuple[dict, li
     finally:
         ws.close()
     return get_json(url, f"/history/{prompt_id}").get(prompt_id, {}), messages
+
+
+def ipadapter_pack() -> Path | None:
+    """cubiq/ComfyUI_IPAdapter_plus, where $IPADAPTER_PACK_PATH names a copy of it."""
+    path = os.environ.get("IPADAPTER_PACK_PATH")
+    return Path(path) if path and (Path(path) / "IPAdapterPlus.py").is_file() else None

@@ -25,7 +25,10 @@ from conftest import COMFYUI_PATH
 
 from blora_pack.core import workflow_format
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+ALL_WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+WORKFLOWS = [w for w in ALL_WORKFLOWS if not w.stem.endswith("_ipadapter")]
+IPADAPTER_WORKFLOWS = [w for w in ALL_WORKFLOWS if w.stem.endswith("_ipadapter")]
+IPADAPTER_PACK = server_harness.ipadapter_pack()
 INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "style_2.png", "content_photo.png",
                 "glyph.png")
 SCALED_DOWN = {
@@ -38,7 +41,7 @@ OUTPUT_TYPES = {"SaveImage", "PreviewImage"}
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflows")
-    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url:
+    with server_harness.comfy_server(COMFYUI_PATH, workdir, extra_packs=(IPADAPTER_PACK,) if IPADAPTER_PACK else ()) as url:
         for index, name in enumerate(INPUT_IMAGES):
             pixels = np.random.default_rng(index).integers(0, 255, (64, 64, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(workdir / "input" / name)
@@ -63,6 +66,8 @@ def runnable(prompt: dict) -> dict:
 
 
 def test_workflows_are_shipped():
+    assert {w.name for w in IPADAPTER_WORKFLOWS} == {"rechar_character_ipadapter.json",
+                                                     "lora_style_transfer_sdedit_ipadapter.json"}
     assert {w.name for w in WORKFLOWS} >= {
         "b-lora_train.json", "b-lora_style_transfer.json", "b-lora_text_stylization.json",
         "b-lora_consistent_style.json", "unziplora_train_and_recombine.json", "lora_style_transfer_sdedit.json",
@@ -97,3 +102,17 @@ def test_a_wrong_widget_count_or_unknown_node_is_caught(server):
     node["type"] = "NoSuchNode"
     with pytest.raises(workflow_format.WorkflowError, match="unknown node type 'NoSuchNode'"):
         workflow_format.ui_to_api(workflow, object_info)
+
+
+@pytest.mark.parametrize("workflow", IPADAPTER_WORKFLOWS, ids=[w.stem for w in IPADAPTER_WORKFLOWS])
+def test_ipadapter_variants_fit_that_packs_node_definitions(server, workflow):
+    """Not run (they need IP-Adapter model files), but every node type and widget count is
+    checked against cubiq/ComfyUI_IPAdapter_plus's own definitions, loaded in the server."""
+    if IPADAPTER_PACK is None:
+        pytest.skip("IP-ADAPTER CHECK SKIPPED: set IPADAPTER_PACK_PATH to a copy of cubiq/ComfyUI_IPAdapter_plus")
+    _, object_info = server
+    prompt = workflow_format.ui_to_api(json.loads(workflow.read_text()), object_info)
+    types = {node["class_type"] for node in prompt.values()}
+    assert {"IPAdapterAdvanced", "IPAdapterModelLoader", "CLIPVisionLoader"} <= types
+    core = json.loads((workflow.parent / workflow.name.replace("_ipadapter", "")).read_text())
+    assert {n["type"] for n in core["nodes"]} - {"Note"} <= types, "the variant keeps the core workflow's nodes"

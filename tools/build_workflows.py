@@ -214,6 +214,53 @@ def rechar_character():
     return nodes, notes
 
 
+IPADAPTER_SDXL_VIT_H = "ip-adapter_sdxl_vit-h.safetensors"
+IPADAPTER_COMPOSITION = "ip_plus_composition_sdxl.safetensors"
+CLIP_VISION_VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+
+
+def ip_adapter(node_id: int, model, adapter_loader: int, image, weight: float, pos, title: str, **optional) -> Node:
+    return Node(node_id, "IPAdapterAdvanced", {"model": model, "ipadapter": (adapter_loader, 0), "image": image,
+                                               "weight": weight, "weight_type": "linear", "combine_embeds": "concat",
+                                               "start_at": 0.0, "end_at": 1.0, "embeds_scaling": "V only",
+                                               **optional}, pos, title)
+
+
+def rechar_character_ipadapter():
+    """ReChar's own final pass: the fused model plus two IP-Adapters, the composition adapter fed
+    the structure-pass image (masked to its Canny edges, weight 1.5) and the ViT-H adapter fed the
+    style-pass image (weight 0.8), CFG 17.5."""
+    nodes, notes = rechar_character()
+    fused_sampler = next(n for n in nodes if n.type == "KSampler" and n.inputs["model"] == (4, 0))
+    nodes += [Node(60, "CLIPVisionLoader", {"clip_name": CLIP_VISION_VIT_H}, at(6, 13)),
+              Node(61, "IPAdapterModelLoader", {"ipadapter_file": IPADAPTER_COMPOSITION}, at(6, 15)),
+              Node(62, "IPAdapterModelLoader", {"ipadapter_file": IPADAPTER_SDXL_VIT_H}, at(6, 16.5)),
+              Node(63, "Canny", {"image": (23, 0), "low_threshold": 100 / 255, "high_threshold": 200 / 255}, at(7, 0)),
+              Node(64, "ImageToMask", {"image": (63, 0), "channel": "red"}, at(7, 2)),
+              ip_adapter(65, (4, 0), 61, (23, 0), 1.5, at(7, 4), "Composition IP-Adapter: structure image",
+                         attn_mask=(64, 0), clip_vision=(60, 0)),
+              ip_adapter(66, (65, 0), 62, (33, 0), 0.8, at(7, 9), "Style IP-Adapter: style image", clip_vision=(60, 0))]
+    fused_sampler.inputs.update(model=(66, 0), cfg=17.5)
+    notes[0].text += ("\n\nThis variant needs cubiq/ComfyUI_IPAdapter_plus and the model files "
+                      f"{IPADAPTER_COMPOSITION} (ostris/ip-composition-adapter), {IPADAPTER_SDXL_VIT_H} (h94/IP-Adapter, "
+                      f"sdxl_models) in models/ipadapter and {CLIP_VISION_VIT_H} in models/clip_vision.")
+    return nodes, notes
+
+
+def lora_style_transfer_sdedit_ipadapter():
+    """The original's content preservation: an IP-Adapter fed the content photo itself (0.3)."""
+    nodes, notes = lora_style_transfer_sdedit()
+    sampler = next(n for n in nodes if n.type == "KSampler")
+    nodes += [Node(40, "CLIPVisionLoader", {"clip_name": CLIP_VISION_VIT_H}, at(4, 10)),
+              Node(41, "IPAdapterModelLoader", {"ipadapter_file": IPADAPTER_SDXL_VIT_H}, at(4, 11.5)),
+              ip_adapter(42, (10, 0), 41, (12, 0), 0.3, at(5, 6), "IP-Adapter: the content photo (image_cond_scale)",
+                         clip_vision=(40, 0))]
+    sampler.inputs["model"] = (42, 0)
+    notes[0].text += (f"\n\nThis variant needs cubiq/ComfyUI_IPAdapter_plus, {IPADAPTER_SDXL_VIT_H} in models/ipadapter "
+                      f"and {CLIP_VISION_VIT_H} in models/clip_vision. Higher IP-Adapter weight: closer to the photo.")
+    return nodes, notes
+
+
 WORKFLOWS = {
     "b-lora_train.json": b_lora_train,
     "b-lora_style_transfer.json": lambda: b_lora_apply("style_transfer"),
@@ -223,6 +270,10 @@ WORKFLOWS = {
     "lora_style_transfer_sdedit.json": lora_style_transfer_sdedit,
     "rechar_character.json": rechar_character,
 }
+IPADAPTER_WORKFLOWS = {
+    "rechar_character_ipadapter.json": rechar_character_ipadapter,
+    "lora_style_transfer_sdedit_ipadapter.json": lora_style_transfer_sdedit_ipadapter,
+}
 
 
 def main() -> None:
@@ -231,9 +282,16 @@ def main() -> None:
 
     if conftest.COMFYUI_PATH is None:
         sys.exit(conftest.NO_HOST_REASON)
-    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp())) as url:
+    ipadapter = server_harness.ipadapter_pack()
+    workflows = dict(WORKFLOWS)
+    if ipadapter:
+        workflows.update(IPADAPTER_WORKFLOWS)
+    else:
+        print("IPADAPTER_PACK_PATH names no copy of ComfyUI_IPAdapter_plus: the _ipadapter variants are not rebuilt")
+    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp()),
+                                     extra_packs=(ipadapter,) if ipadapter else ()) as url:
         object_info = server_harness.get_json(url, "/object_info")
-    for name, describe in WORKFLOWS.items():
+    for name, describe in workflows.items():
         nodes, notes = describe()
         (ROOT / "workflows" / name).write_text(json.dumps(build_ui(nodes, notes, object_info), indent=1) + "\n")
         print("wrote", name)

@@ -27,7 +27,9 @@ def main() -> None:
         sys.exit(conftest.NO_HOST_REASON)
     images = ROOT / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
-    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp())) as url:
+    ipadapter = server_harness.ipadapter_pack()  # the _ipadapter variants show their nodes only with it
+    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp()),
+                                     extra_packs=(ipadapter,) if ipadapter else ()) as url:
         with browser_harness.editor(url, 2200, 1400) as (page, _):
             page.evaluate("async () => { await window.app.extensionManager.setting.set("
                           "'LiteGraph.Canvas.MinFontSizeForLOD', 1); }")  # keep text at small zoom
