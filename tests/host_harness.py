@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from blora_pack.command_line.host import PACK_ROOT, find_comfyui, start_comfyui  # noqa: F401
+from blora_pack.command_line.host import PACK_ROOT, find_comfyui, pack_module, start_comfyui  # noqa: F401
 
 
 @dataclass
@@ -17,16 +17,13 @@ class Host:
     path: Path
     nodes: object
     folder_paths: object
-    pack_module_name: str
 
     def node(self, node_id: str):
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
     def pack(self, submodule: str):
         """A module of the pack as the host loaded it (not the test-side ``blora_pack`` copy)."""
-        import importlib
-
-        return importlib.import_module(f"{self.pack_module_name}.{submodule}")
+        return pack_module(submodule)
 
     def run_node(self, node_id: str, *args, unique_id: str = "7", **kwargs):
         """Run a node as the executor does: a per-run class clone with its hidden inputs, under
@@ -49,7 +46,7 @@ def start_host(path: Path, cpu: bool = True) -> Host:
         nodes = start_comfyui(path, cpu)
         import folder_paths
 
-        _started = Host(path, nodes, folder_paths, str(PACK_ROOT).replace(".", "_x_"))
+        _started = Host(path, nodes, folder_paths)
     return _started
 
 
