@@ -115,10 +115,11 @@ class TrainBLoRA(io.ComfyNode):
                        "images": str(samples.shape[0]), "base_model_sha256": metadata["blora.base_model_sha256"]}
         checkpoint_file = checkpoint.checkpoint_path(final_path)
 
-        def checkpoint_files():
-            return {checkpoint_file: (lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata)}
+        def checkpoint_lora():
+            return lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata
 
-        run = TrainingRun(model, samples, conditionings, adapters, config, final_path, fingerprint, checkpoint_files,
+        run = TrainingRun(model, samples, conditionings, adapters, config, final_path, fingerprint,
+                          {checkpoint_file: checkpoint_lora},
                           weight_wrappers=dict(adapters.items()), preview_every=preview_every)
         state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train B-LoRA")
         trained = adapters.to_lora_weights({**metadata, "blora.created": time.strftime("%Y-%m-%dT%H:%M:%S")})

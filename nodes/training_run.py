@@ -29,8 +29,8 @@ class TrainingRun:
     config: TrainConfig
     final_path: Path
     fingerprint: dict[str, str]
-    checkpoint_files: Callable[[], dict[Path, tuple[dict, dict]]]
-    """The LoRA files a checkpoint writes for users, as ``path: (state_dict, metadata)``."""
+    checkpoint_files: dict[Path, Callable[[], tuple[dict, dict]]]
+    """The LoRA files a checkpoint writes for users: path -> what builds its ``(state_dict, metadata)``."""
     method: TrainingMethod | None = None
     preview_every: int = 0
     """Every N steps, a quick sample from the LoRA being trained is shown on the node (0: never)."""
@@ -51,7 +51,8 @@ class TrainingRun:
                                  "to continue training.")
 
         def save_checkpoint(state: TrainingState) -> None:
-            checkpoint.save_checkpoint(self.trainable, state, self.sidecar, self.fingerprint, self.checkpoint_files())
+            lora_files = {path: build() for path, build in self.checkpoint_files.items()}
+            checkpoint.save_checkpoint(self.trainable, state, self.sidecar, self.fingerprint, lora_files)
             logging.info("Training: checkpoint at step %d saved beside %s", state.step, self.final_path)
 
         reporter = progress.TrainingProgress(label, self.config.steps, node_id, start=resume_state.step if resume_state else 0)
@@ -74,7 +75,7 @@ class TrainingRun:
                          resume_state, self.method)
 
     def remove_checkpoint(self) -> None:
-        checkpoint.remove_checkpoint(self.sidecar, self.checkpoint_files())
+        checkpoint.remove_checkpoint(self.sidecar, self.checkpoint_files)
 
 
 def file_metadata(method: str, recipe: str, blocks: list[str], rank: int, alpha: float, steps: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -135,19 +136,21 @@ class TrainUnZipLoRA(io.ComfyNode):
         fingerprint = {"method": "UnZipLoRA", "rank": str(rank), "seed": str(seed), "settings": repr(settings),
                        "steps": str(steps), "base_model_sha256": base_sha}
 
-        def lora_files(paths):
-            return {paths[role]: (lora_format.to_kohya_state_dict(_role_weights(layers, role)),
-                                  _with_mergers(metadata[role], layers, role)) for role in unziplora.ROLES}
+        def lora_file(role):
+            return (lora_format.to_kohya_state_dict(_role_weights(layers, role)),
+                    _with_mergers(metadata[role], layers, role))
 
-        checkpoint_paths = {role: checkpoint.checkpoint_path(final_path, f"_{role}") for role in unziplora.ROLES}
+        checkpoint_files = {checkpoint.checkpoint_path(final_path, f"_{role}"): functools.partial(lora_file, role)
+                            for role in unziplora.ROLES}
         run = TrainingRun(model, samples, conditionings, method.modules, config, final_path, fingerprint,
-                          lambda: lora_files(checkpoint_paths), method=method,
+                          checkpoint_files, method=method,
                           module_wrappers=unziplora.module_wrappers(layers, role_contexts, settings),
                           preview_every=preview_every)
         state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train UnZipLoRA")
         method.finish()
         created = time.strftime("%Y-%m-%dT%H:%M:%S")
-        for path, (state_dict, file_meta) in lora_files(output_paths).items():
+        for role, path in output_paths.items():
+            state_dict, file_meta = lora_file(role)
             files.save_safetensors_atomic(state_dict, path, {**file_meta, "blora.created": created})
         run.remove_checkpoint()
         merged = model
