@@ -201,11 +201,9 @@ def command_run(args) -> None:
         for target in targets:
             prompt[target]["inputs"][match["input"]] = _parse_value(match["value"])
     if args.tiny:
-        for node in prompt.values():
-            if node["class_type"] == "CheckpointLoaderSimple":
-                node["class_type"], node["inputs"] = "TinySDXLCheckpointLoader", {"seed": 0}
-            elif node["class_type"] == "CLIPTextEncode":
-                node["class_type"], node["inputs"] = "TinyTextEncode", {"text": node["inputs"]["text"]}
+        from .tiny import swap_loaders_for_tiny
+
+        swap_loaders_for_tiny(prompt)
     session.run(prompt)
 
 

@@ -144,3 +144,16 @@ class TinyTextEncode:
 
 TINY_NODES = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyTextEncode": TinyTextEncode,
               "TinyControlNetLoader": TinyControlNetLoader}
+
+
+def swap_loaders_for_tiny(prompt: dict) -> dict:
+    """An API-format prompt with its checkpoint, text-encoder and ControlNet loaders replaced by
+    the tiny stand-ins; everything else in the graph stays as it is."""
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "TinySDXLCheckpointLoader", {"seed": 0}
+        elif node["class_type"] == "CLIPTextEncode":
+            node["class_type"], node["inputs"] = "TinyTextEncode", {"text": node["inputs"]["text"]}
+        elif node["class_type"] == "ControlNetLoader":
+            node["class_type"], node["inputs"] = "TinyControlNetLoader", {"seed": 0}
+    return prompt

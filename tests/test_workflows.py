@@ -23,6 +23,7 @@ import server_harness
 import tiny_models
 from conftest import COMFYUI_PATH
 
+from blora_pack.command_line.tiny import swap_loaders_for_tiny
 from blora_pack.core import workflow_format
 
 ALL_WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -54,13 +55,7 @@ def server(host, tmp_path_factory):
 
 
 def runnable(prompt: dict) -> dict:
-    for node in prompt.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = "TinySDXLCheckpointLoader", {"seed": 0}
-        elif node["class_type"] == "CLIPTextEncode":
-            node["class_type"], node["inputs"] = "TinyTextEncode", {"text": node["inputs"]["text"]}
-        elif node["class_type"] == "ControlNetLoader":
-            node["class_type"], node["inputs"] = "TinyControlNetLoader", {"seed": 0}
+    for node in swap_loaders_for_tiny(prompt).values():
         node["inputs"].update(SCALED_DOWN.get(node["class_type"], {}))
     return prompt
 
