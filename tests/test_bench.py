@@ -1,0 +1,74 @@
+"""The benchmark scripts keep working between the sessions that run them for real: each runs
+here for a step or two, as a user runs it (a fresh process on the ComfyUI checkout the tests
+found). The GPU benchmark runs its ``--tiny`` smoke mode, on the CPU when there is no GPU.
+Timings are not checked: speed is measured by these scripts, not by tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import host_harness
+from conftest import COMFYUI_PATH
+
+BENCH = host_harness.PACK_ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def run_bench(script: str, *arguments: str) -> str:
+    environment = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH)}
+    result = subprocess.run([sys.executable, str(BENCH / script), *arguments], env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("script, arguments", [
+    ("cpu_train_step.py", ["--size", "8", "--steps", "1", "--rounds", "1"]),
+    ("cpu_unzip_step.py", ["--size", "8", "--steps", "1", "--rounds", "1"]),
+])
+def test_cpu_benchmarks_print_their_ratio(host, script, arguments):
+    output = run_bench(script, *arguments)
+    assert "ratio pack/reference:" in output and "machine:" in output
+
+
+def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
+    import gpu_train_step
+
+    results_file = tmp_path / "results.json"
+    output = run_bench("gpu_train_step.py", "--tiny", "--steps", "1", "--warmup", "1", "--json", str(results_file))
+    expected = [n for n in [*gpu_train_step.REFERENCE_VARIANTS, *gpu_train_step.PACK_VARIANTS] if n != "pack-compiled"]
+    results = json.loads(results_file.read_text())["results"]
+    assert list(results) == expected
+    for name, result in results.items():
+        assert math.isfinite(result["ms"]) and result["ms"] > 0, name
+        assert f"| {name} |" in output
+
+
+def test_gpu_benchmark_refuses_unknown_sides():
+    import gpu_train_step
+
+    with pytest.raises(SystemExit):
+        gpu_train_step.main(["--tiny", "--only", "pack,nonsense"])
+
+
+def test_gpu_benchmark_variants_restore_what_they_change(host):
+    """An ablation must not leak into the sides measured after it."""
+    import comfy.ldm.modules.attention as attention
+    import gpu_train_step
+
+    trainer = host.pack("training.trainer")
+    chosen_attention, make_optimizer = attention.optimized_attention, trainer.make_optimizer
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    config = trainer.TrainConfig(steps=1, learning_rate=1e-3)
+    with gpu_train_step.attention_function("basic"), gpu_train_step.adam_fused(trainer, False):
+        assert attention.optimized_attention is attention.attention_basic
+        optimizer = trainer.make_optimizer([{"params": [parameter]}], config, torch.device("cuda"))
+        assert not optimizer.defaults["fused"]
+    assert attention.optimized_attention is chosen_attention and trainer.make_optimizer is make_optimizer
