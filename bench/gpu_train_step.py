@@ -19,10 +19,13 @@ peak memory beyond the fp16 UNet and the speed-up over the reference:
 
 Goal: 1000 steps < 60 s on an H100, >= 2.5x the reference, < 12 GB beyond the UNet.
 
-``--tiny`` runs the same code on the tiny SDXL-architecture UNet (on the CPU when there is no
-GPU, fp32 there): the test suite uses it to keep this script working between GPU sessions.
+``--size tiny`` runs the same code on the tiny SDXL-architecture UNet (on the CPU when there is
+no GPU, fp32 there): the test suite uses it to keep this script working between GPU sessions.
+``--size narrow`` keeps every layer of SDXL at a tenth of its widths: on a CPU its step time is
+mostly per-operation overhead (Python, dispatch), which a GPU step at 1024 px may also be bound by.
 
-    python bench/gpu_train_step.py [--steps 30] [--only pack,reference] [--compile] [--json out.json]
+    python bench/gpu_train_step.py [--size full|narrow|tiny] [--steps 10] [--rounds 3]
+                                   [--only pack,reference] [--compile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ SDXL_UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     "in_channels": 4, "out_channels": 4,
 }
+NARROW_HEAD_CHANNELS = 16
+SIZES = {
+    "full": "SDXL UNet",
+    "narrow": "SDXL's layers at 1/10 of its widths",
+    "tiny": "tiny SDXL-architecture UNet",
+}
 RANK = 64
 OFFICIAL_TIME_IDS = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]
 SDXL_VAE_SCALE = 0.13025
@@ -60,14 +69,16 @@ SDXL_VAE_SCALE = 0.13025
 
 @dataclass(frozen=True)
 class Setup:
-    """What differs between the full-size run and the ``--tiny`` smoke run."""
+    """The device and the UNet's size: ``full`` (SDXL), ``narrow`` (SDXL's every layer and
+    transformer block, channels 32/64/128: as many operations as SDXL for little arithmetic, so
+    on a CPU it measures what each side pays per operation in Python and dispatch), ``tiny``."""
 
     device: torch.device
-    tiny: bool
+    size: str = "full"
 
     @property
     def latent(self) -> int:
-        return 16 if self.tiny else 128
+        return 128 if self.size == "full" else 16
 
     @property
     def precision(self) -> str:
@@ -79,7 +90,13 @@ class Setup:
 
     @property
     def context_dim(self) -> int:
-        return 64 if self.tiny else 2048
+        return 2048 if self.size == "full" else 64
+
+    @property
+    def unet_config(self) -> dict:
+        if self.size == "narrow":
+            return dict(SDXL_UNET_CONFIG, model_channels=32, context_dim=64, num_head_channels=NARROW_HEAD_CHANNELS)
+        return dict(SDXL_UNET_CONFIG)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -99,11 +116,12 @@ def build_unet(setup: Setup):
     import comfy.model_patcher
     import comfy.supported_models
 
-    if setup.tiny:
+    if setup.size == "tiny":
         from blora_pack.command_line.tiny import build_tiny_sdxl
 
         return build_tiny_sdxl(dtype=setup.dtype)
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+    config = comfy.supported_models.SDXL(setup.unet_config)
+    config.unet_config.update(setup.unet_config)  # the class's extra config would reset num_head_channels
     config.set_inference_dtype(setup.dtype, None)
     with setup.device:
         model = config.get_model({}, device=setup.device)
@@ -127,19 +145,16 @@ def inputs(setup: Setup):
     return latents, positive
 
 
-def measure(setup: Setup, run_steps, steps: int, warmup: int) -> dict:
-    """``run_steps(n)`` trains n steps and returns each step's seconds; the first ``warmup`` are
-    dropped (the first one's time is reported apart: it holds torch.compile's). Peak memory counts
-    from what was allocated before the run (the UNet and inputs)."""
+def timed(setup: Setup, run_steps, n: int) -> tuple[list[float], float | None]:
+    """``run_steps(n)`` trains n steps and returns each step's seconds. Also returns the peak
+    memory in GB beyond what was allocated before (the UNet, the LoRA, the inputs)."""
     cuda = setup.device.type == "cuda"
     setup.synchronize()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated() if cuda else 0
-    times = run_steps(steps + warmup)
-    median = statistics.median(times[warmup:])
-    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30 if cuda else None
-    return {"ms": median * 1000, "s_per_1000": 1000 * median, "peak_gb": peak, "first_step_s": times[0]}
+    times = run_steps(n)
+    return times, (torch.cuda.max_memory_allocated() - baseline) / 2**30 if cuda else None
 
 
 @dataclass(frozen=True)
@@ -187,7 +202,8 @@ def adam_fused(trainer, fused: bool):
         trainer.make_optimizer = make_optimizer
 
 
-def pack_side(setup: Setup, host, model, variant: PackVariant, steps: int, warmup: int) -> dict:
+def pack_runner(setup: Setup, host, model, variant: PackVariant):
+    """``run(n)``: n steps of the pack's own loop, as "Train B-LoRA" runs them, with ``variant``'s change."""
     recipes = host.pack("training.recipes")
     host_training = host.pack("nodes.host_training")
     trainer = host.pack("training.trainer")
@@ -200,7 +216,12 @@ def pack_side(setup: Setup, host, model, variant: PackVariant, steps: int, warmu
     precision = variant.precision or setup.precision
     if setup.device.type != "cuda" and precision == "fp16":
         precision = "fp32"
-    with contextlib.ExitStack() as stack:
+
+    def run(n):
+        with contextlib.ExitStack() as stack:
+            return run_in(stack, n)
+
+    def run_in(stack, n):
         clone, device = stack.enter_context(host_training.training_model(model, adapters, dict(adapters.items())))
         stack.enter_context(attention_function(variant.attention))
         stack.enter_context(adam_fused(trainer, variant.fused_adam))
@@ -224,29 +245,34 @@ def pack_side(setup: Setup, host, model, variant: PackVariant, steps: int, warmu
                           trainer.TrainingHooks(on_step=lambda s, t, loss, seconds: times.append(seconds)))
             return times
 
-        return measure(setup, run_steps, steps, warmup)
+        return timed(setup, run_steps, n)
+
+    return run
 
 
 def diffusers_unet(setup: Setup, model):
     """diffusers' UNet holding the host model's weights (ComfyUI's own key map)."""
-    if setup.tiny:
+    if setup.size == "tiny":
         import tiny_models
 
         return tiny_models.diffusers_unet_from(model).to(setup.device, setup.dtype)
     import comfy.utils
     from diffusers import UNet2DConditionModel
 
+    unet_config = model.model.model_config.unet_config
+    widths = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
     with setup.device:
         unet = UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+            sample_size=setup.latent, in_channels=4, out_channels=4, block_out_channels=tuple(widths),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-            transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+            transformer_layers_per_block=[1, 2, 10], cross_attention_dim=unet_config["context_dim"],
+            attention_head_dim=[w // unet_config["num_head_channels"] for w in widths],  # heads, as SDXL's config
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
     comfy_weights = model.model.diffusion_model.state_dict()
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
     wanted = unet.state_dict().keys()
     unet.load_state_dict({d: comfy_weights[l] for d, l in mapping.items() if d in wanted and l in comfy_weights},
                          strict=True)
@@ -257,94 +283,125 @@ def sdxl_vae(setup: Setup):
     """An SDXL-architecture VAE (random weights), fp32 as the official script keeps it."""
     from diffusers import AutoencoderKL
 
-    channels = (8, 8, 16, 16) if setup.tiny else (128, 256, 512, 512)  # 8x down to the latent
+    small = setup.size != "full"
+    channels = (8, 8, 16, 16) if small else (128, 256, 512, 512)  # 8x down to the latent
     with setup.device:
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
             down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-            layers_per_block=2, norm_num_groups=8 if setup.tiny else 32, sample_size=8 * setup.latent,
+            layers_per_block=2, norm_num_groups=8 if small else 32, sample_size=8 * setup.latent,
             scaling_factor=SDXL_VAE_SCALE,
         )
     return vae.to(setup.device, torch.float32).requires_grad_(False)
 
 
-def reference_side(setup: Setup, host, model, steps: int, warmup: int, vae_every_step: bool) -> dict:
-    """The official script's step (blora.md section 1.4), on the same weights."""
-    from diffusers import DDPMScheduler
-    from peft import LoraConfig
+class ReferenceRecipe:
+    """The official script's step (blora.md section 1.4) in diffusers + peft, on the host
+    model's weights; both reference sides share its UNet and LoRA."""
 
-    recipes = host.pack("training.recipes")
-    host_training = host.pack("nodes.host_training")
-    sdxl_unet = host.pack("core.sdxl_unet")
-    unet = diffusers_unet(setup, model).requires_grad_(False)
-    if setup.device.type == "cuda":
-        unet.enable_gradient_checkpointing()
-    targets = [sdxl_unet.ldm_to_diffusers(path) for path in host_training.target_shapes(model, recipes.B_LORA)]
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for param in params:
-        param.data = param.data.float()  # LoRA parameters in fp32, as the official script casts them
-    optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
-    cuda = setup.device.type == "cuda"
-    scaler = torch.amp.GradScaler(setup.device.type, enabled=cuda)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    latents, positive = inputs(setup)
-    x0 = (latents["samples"] * SDXL_VAE_SCALE).to(setup.device, setup.dtype)
-    vae = sdxl_vae(setup) if vae_every_step else None
-    pixels = torch.rand(1, 3, 8 * setup.latent, 8 * setup.latent, generator=torch.Generator().manual_seed(0))
-    pixels = (pixels * 2 - 1).to(setup.device)
-    if vae is not None:
-        with torch.no_grad():
-            encoded = vae.encode(pixels).latent_dist.mean
-        if encoded.shape != x0.shape:
-            raise RuntimeError(f"the VAE encodes to {tuple(encoded.shape)}, the latents are {tuple(x0.shape)}")
-    context = positive[0][0].to(setup.device, setup.dtype)
-    pooled = positive[0][1]["pooled_output"].to(setup.device, setup.dtype)
-    time_ids = torch.tensor([OFFICIAL_TIME_IDS], device=setup.device, dtype=setup.dtype)
-    unet.train()
+    def __init__(self, setup: Setup, host, model):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
 
-    def step():
-        began = time.perf_counter()
-        model_input = x0
-        if vae is not None:
-            model_input = (vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor).to(setup.dtype)
-        noise = torch.randn_like(model_input)
-        timesteps = torch.randint(0, 1000, (1,), device=setup.device)
-        noisy = scheduler.add_noise(model_input, noise, timesteps)
-        with torch.autocast(setup.device.type, dtype=torch.float16, enabled=cuda):
-            prediction = unet(noisy, timesteps, encoder_hidden_states=context,
-                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # the per-step loss read-back the pack's loop has too
-        return time.perf_counter() - began
+        recipes = host.pack("training.recipes")
+        host_training = host.pack("nodes.host_training")
+        sdxl_unet = host.pack("core.sdxl_unet")
+        self.setup = setup
+        self.unet = diffusers_unet(setup, model).requires_grad_(False)
+        self.unet.enable_gradient_checkpointing()
+        targets = [sdxl_unet.ldm_to_diffusers(path) for path in host_training.target_shapes(model, recipes.B_LORA)]
+        self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        for param in self.params:
+            param.data = param.data.float()  # LoRA parameters in fp32, as the official script casts them
+        self.scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000)
+        latents, positive = inputs(setup)
+        self.x0 = (latents["samples"] * SDXL_VAE_SCALE).to(setup.device, setup.dtype)
+        self.context = positive[0][0].to(setup.device, setup.dtype)
+        self.pooled = positive[0][1]["pooled_output"].to(setup.device, setup.dtype)
+        self.time_ids = torch.tensor([OFFICIAL_TIME_IDS], device=setup.device, dtype=setup.dtype)
+        pixels = torch.rand(1, 3, 8 * setup.latent, 8 * setup.latent, generator=torch.Generator().manual_seed(0))
+        self.pixels = (pixels * 2 - 1).to(setup.device)
+        self.vae = None
+        self.unet.train()
 
-    try:
-        return measure(setup, lambda n: [step() for _ in range(n)], steps, warmup)
-    finally:
-        del unet, optimizer, vae
-        if cuda:
-            torch.cuda.empty_cache()
+    def encoder(self):
+        """The fp32 VAE, built on first use."""
+        if self.vae is None:
+            self.vae = sdxl_vae(self.setup)
+            with torch.no_grad():
+                encoded = self.vae.encode(self.pixels).latent_dist.mean
+            if encoded.shape != self.x0.shape:
+                raise RuntimeError(f"the VAE encodes to {tuple(encoded.shape)}, the latents are {tuple(self.x0.shape)}")
+        return self.vae
+
+    def runner(self, vae_every_step: bool):
+        """``run(n)``: n official steps with a fresh AdamW and scaler, as a new training run."""
+        setup = self.setup
+        cuda = setup.device.type == "cuda"
+
+        def run_steps(n):
+            vae = self.encoder() if vae_every_step else None
+            optimizer = torch.optim.AdamW(self.params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+            scaler = torch.amp.GradScaler(setup.device.type, enabled=cuda)
+            times = []
+            for _ in range(n):
+                began = time.perf_counter()
+                model_input = self.x0
+                if vae is not None:
+                    model_input = (vae.encode(self.pixels).latent_dist.sample() * vae.config.scaling_factor).to(setup.dtype)
+                noise = torch.randn_like(model_input)
+                timesteps = torch.randint(0, 1000, (1,), device=setup.device)
+                noisy = self.scheduler.add_noise(model_input, noise, timesteps)
+                with torch.autocast(setup.device.type, dtype=torch.float16, enabled=cuda):
+                    prediction = self.unet(noisy, timesteps, encoder_hidden_states=self.context,
+                                           added_cond_kwargs={"text_embeds": self.pooled, "time_ids": self.time_ids}).sample
+                loss = F.mse_loss(prediction.float(), noise.float())
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss.item()  # the per-step loss read-back the pack's loop has too
+                times.append(time.perf_counter() - began)
+            return times
+
+        return lambda n: timed(setup, run_steps, n)
 
 
 REFERENCE_VARIANTS = {"reference": False, "reference-vae-every-step": True}
 
 
-def run_all(setup: Setup, names: list[str], steps: int, warmup: int) -> dict[str, dict]:
+def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int) -> dict[str, dict]:
+    """Every side in turn, ``rounds`` times over, so that each sees the machine in the same
+    states; per side the median step after each round's ``warmup``, the first step of the first
+    round (torch.compile's time shows there) and the highest peak memory."""
     host = start_host(setup)
     model = build_unet(setup)
-    results = {}
+    reference = None
+    runners = {}
     for name in names:
         if name in REFERENCE_VARIANTS:
-            results[name] = reference_side(setup, host, model, steps, warmup, REFERENCE_VARIANTS[name])
+            reference = reference or ReferenceRecipe(setup, host, model)
+            runners[name] = reference.runner(REFERENCE_VARIANTS[name])
         else:
-            results[name] = pack_side(setup, host, model, PACK_VARIANTS[name], steps, warmup)
-        print(f"  measured {name}: {results[name]['ms']:.1f} ms/step", flush=True)
+            runners[name] = pack_runner(setup, host, model, PACK_VARIANTS[name])
+    samples = {name: [] for name in names}
+    first_step, peak = {}, {}
+    for round_number in range(rounds):
+        for name, run in runners.items():
+            times, peak_gb = run(steps + warmup)
+            first_step.setdefault(name, times[0])
+            samples[name] += times[warmup:]
+            peak[name] = None if peak_gb is None else max(peak_gb, peak.get(name) or 0.0)
+        print(f"  round {round_number + 1}/{rounds} done", flush=True)
+    results = {}
+    for name, values in samples.items():
+        median = statistics.median(values)
+        results[name] = {"ms": 1000 * median, "s_per_1000": 1000 * median, "peak_gb": peak[name],
+                         "first_step_s": first_step[name]}
     return results
 
 
@@ -368,11 +425,13 @@ def table(results: dict[str, dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side and round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--rounds", type=int, default=3, help="times over every side, in turn")
     parser.add_argument("--only", help="comma-separated sides to run (default: all but pack-compiled)")
     parser.add_argument("--compile", action="store_true", help="also run pack-compiled (slow to start)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny UNet (CPU without a GPU): a smoke run")
+    parser.add_argument("--size", choices=SIZES, default="full",
+                        help="narrow or tiny also run on the CPU: narrow to compare per-operation overhead, tiny to smoke-test")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     all_names = [*REFERENCE_VARIANTS, *PACK_VARIANTS]
@@ -380,18 +439,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     unknown = [n for n in names if n not in all_names]
     if unknown:
         parser.error(f"unknown side(s) {unknown}; choose from {all_names}")
-    if not torch.cuda.is_available() and not args.tiny:
-        sys.exit("needs a CUDA GPU (or --tiny for a smoke run on the CPU)")
-    setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.tiny)
-    size = "tiny SDXL-architecture UNet" if args.tiny else "SDXL UNet"
-    print(f"{describe_machine(setup)}; {size}, {setup.precision}, latent {setup.latent}x{setup.latent}, rank {RANK}, "
-          f"median of {args.steps} steps after {args.warmup}")
-    results = run_all(setup, names, args.steps, args.warmup)
+    if not torch.cuda.is_available() and args.size == "full":
+        sys.exit("needs a CUDA GPU (or --size narrow / tiny on the CPU)")
+    setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.size)
+    print(f"{describe_machine(setup)}; {SIZES[args.size]}, {setup.precision}, latent {setup.latent}x{setup.latent}, rank {RANK}, "
+          f"median of {args.rounds} x {args.steps} steps, each round after {args.warmup}")
+    results = run_all(setup, names, args.steps, args.warmup, args.rounds)
     print("\n".join(table(results)))
     if "pack" in results and "reference" in results:
         print(f"goal: >= 2.5x the reference, 1000 steps < 60 s on an H100, < 12 GB beyond the UNet")
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe_machine(setup), "tiny": args.tiny, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": describe_machine(setup), "size": args.size, "results": results}, indent=2))
     return results
 
 

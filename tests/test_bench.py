@@ -1,6 +1,6 @@
 """The benchmark scripts keep working between the sessions that run them for real: each runs
 here for a step or two, as a user runs it (a fresh process on the ComfyUI checkout the tests
-found). The GPU benchmark runs its ``--tiny`` smoke mode, on the CPU when there is no GPU.
+found). The GPU benchmark runs its ``--size tiny`` smoke mode, on the CPU when there is no GPU.
 Timings are not checked: speed is measured by these scripts, not by tests."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
     import gpu_train_step
 
     results_file = tmp_path / "results.json"
-    output = run_bench("gpu_train_step.py", "--tiny", "--steps", "1", "--warmup", "1", "--json", str(results_file))
+    output = run_bench("gpu_train_step.py", "--size", "tiny", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json", str(results_file))
     expected = [n for n in [*gpu_train_step.REFERENCE_VARIANTS, *gpu_train_step.PACK_VARIANTS] if n != "pack-compiled"]
     results = json.loads(results_file.read_text())["results"]
     assert list(results) == expected
@@ -55,7 +55,7 @@ def test_gpu_benchmark_refuses_unknown_sides():
     import gpu_train_step
 
     with pytest.raises(SystemExit):
-        gpu_train_step.main(["--tiny", "--only", "pack,nonsense"])
+        gpu_train_step.main(["--size", "tiny", "--only", "pack,nonsense"])
 
 
 def test_gpu_benchmark_variants_restore_what_they_change(host):
