@@ -174,6 +174,17 @@ def test_adapter_starts_as_a_no_op_with_the_official_init():
     assert torch.equal(adapter(weight), weight)
 
 
+@pytest.mark.parametrize("alpha, scale", [(None, 1.0), (8.0, 1.0), (16.0, 2.0), (4.0, 0.5)])
+def test_adapter_adds_the_scaled_product_to_the_weight(alpha, scale):
+    adapters = LoraAdapterSet({"a": (32, 16)}, rank=8, alpha=alpha)
+    (_, adapter), = adapters.items()
+    with torch.no_grad():
+        adapter.up.normal_()
+        adapter.down.normal_()
+    weight = torch.randn(32, 16)
+    torch.testing.assert_close(adapter(weight), weight + scale * adapter.up.detach() @ adapter.down.detach())
+
+
 def test_v_prediction_target():
     latent, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
     target = diffusion.target(latent, noise, 500, ALPHAS_CUMPROD, "v_prediction")
