@@ -72,3 +72,34 @@ def test_gpu_benchmark_variants_restore_what_they_change(host):
         optimizer = trainer.make_optimizer([{"params": [parameter]}], config, torch.device("cuda"))
         assert not optimizer.defaults["fused"]
     assert attention.optimized_attention is chosen_attention and trainer.make_optimizer is make_optimizer
+
+
+def test_memory_estimate_runs_on_the_full_size_unet(host):
+    output = run_bench("memory_estimate.py")
+    assert "160 layers" in output and "estimate beyond the UNet" in output
+
+
+def test_saved_bytes_on_the_meta_device_equal_those_of_a_real_run():
+    """The estimate counts on the meta device; a real run of the same module saves as much."""
+    import memory_estimate
+
+    def block(device):
+        torch.manual_seed(0)
+        layers = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                                     torch.nn.Linear(32, 8)).to(device)
+        layers[0].requires_grad_(False)  # frozen first layer: nothing saved for its weight gradient
+        x = torch.randn(4, 16, device=device)
+        return lambda: layers(x).pow(2).mean()
+
+    meta = memory_estimate.saved_for_backward(block("meta"))
+    real = memory_estimate.saved_for_backward(block("cpu"))
+    assert meta == real > 0
+
+
+def test_meta_autocast_casts_like_fp16_autocast():
+    import memory_estimate
+
+    with memory_estimate.MetaAutocast():
+        product = torch.nn.functional.linear(torch.empty(2, 4, device="meta"), torch.empty(3, 4, device="meta"))
+        normed = torch.nn.functional.layer_norm(product, (3,))
+    assert product.dtype == torch.float16 and normed.dtype == torch.float32
