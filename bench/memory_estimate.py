@@ -80,8 +80,8 @@ def saved_for_backward(run) -> int:
 
 
 def main() -> None:
-    setup = gpu_train_step.Setup(torch.device("meta"), "full")
-    host = gpu_train_step.start_host(gpu_train_step.Setup(torch.device("cpu"), "full"))
+    setup = gpu_train_step.Setup(torch.device("cpu"), "full")  # sizes only: the tensors go to "meta"
+    host = gpu_train_step.start_host(setup)
     import comfy.ldm.modules.attention as attention
     import comfy.supported_models
     import comfy.utils
