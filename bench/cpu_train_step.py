@@ -19,12 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pack_import  # noqa: E402
-
-pack_import.register_pack()
-import host_harness  # noqa: E402
+import bench_host  # noqa: E402
 import report  # noqa: E402
 import tiny_models  # noqa: E402
 
@@ -97,10 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    path, how = host_harness.find_comfyui()
-    if path is None:
-        sys.exit(f"needs ComfyUI: {how}")
-    host = host_harness.start_host(path)
+    host = bench_host.start_host()
     torch.manual_seed(0)
     model = tiny_models.build_tiny_sdxl()
     generator = torch.Generator().manual_seed(0)

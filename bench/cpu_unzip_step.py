@@ -18,12 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pack_import  # noqa: E402
-
-pack_import.register_pack()
-import host_harness  # noqa: E402
+import bench_host  # noqa: E402
 import report  # noqa: E402
 import tiny_models  # noqa: E402
 
@@ -34,10 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    path, how = host_harness.find_comfyui()
-    if path is None:
-        sys.exit(f"needs ComfyUI: {how}")
-    host = host_harness.start_host(path)
+    host = bench_host.start_host()
     import test_unzip_fidelity as fidelity
 
     recipes = host.pack("training.recipes")

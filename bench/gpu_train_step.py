@@ -42,11 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import pack_import  # noqa: E402
-
-pack_import.register_pack()
-import host_harness  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_host  # noqa: E402
 
 SDXL_UNET_CONFIG = {
     "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
@@ -101,13 +98,6 @@ class Setup:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-
-
-def start_host(setup: Setup):
-    path, how = host_harness.find_comfyui()
-    if path is None:
-        sys.exit(f"needs ComfyUI: {how}")
-    return host_harness.start_host(path, cpu=setup.device.type != "cuda")
 
 
 def build_unet(setup: Setup):
@@ -375,7 +365,7 @@ def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int
     """Every side in turn, ``rounds`` times over, so that each sees the machine in the same
     states; per side the median step after each round's ``warmup``, the first step of the first
     round (torch.compile's time shows there) and the highest peak memory."""
-    host = start_host(setup)
+    host = bench_host.start_host(cpu=setup.device.type != "cuda")
     model = build_unet(setup)
     reference = None
     runners = {}

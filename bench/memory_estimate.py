@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_train_step  # noqa: E402  (registers the pack, finds the host)
+import bench_host  # noqa: E402
+import gpu_train_step  # noqa: E402
 
 FP16_OPS = {F.linear, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
             torch.Tensor.__matmul__, torch.Tensor.matmul}
@@ -81,7 +82,7 @@ def saved_for_backward(run) -> int:
 
 def main() -> None:
     setup = gpu_train_step.Setup(torch.device("cpu"), "full")  # sizes only: the tensors go to "meta"
-    host = gpu_train_step.start_host(setup)
+    host = bench_host.start_host()
     import comfy.ldm.modules.attention as attention
     import comfy.supported_models
     import comfy.utils
