@@ -6,28 +6,25 @@ reference as the official recipe runs it in diffusers + peft (DDPMScheduler nois
 forward, eps-MSE, backward, clip 1.0, AdamW). Rounds alternate so both see the same machine
 state; the median step time of each is reported with the ratio pack / reference (goal <= 1.0).
 
-    python bench/cpu_train_step.py [--size 32] [--steps 20] [--rounds 3]
+    python -m bench.cpu_train_step [--size 32] [--steps 20] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_host  # noqa: E402
-import report  # noqa: E402
-import tiny_models  # noqa: E402
+from devkit import host as bench_host
+from bench import report
+from devkit import tiny_models
 
 
 def pack_runner(host, model, latents, positive, rank, steps):
     recipes = host.pack("training.recipes")
-    host_training = host.pack("nodes.host_training")
+    host_training = host.pack("host.training")
     trainer = host.pack("training.trainer")
     adapter_set = host.pack("training.lora_adapters")
     adapters = adapter_set.LoraAdapterSet(host_training.target_shapes(model, recipes.B_LORA), rank, None)
@@ -52,7 +49,7 @@ def reference_runner(host, model, latents, positive, rank, steps):
     from peft import LoraConfig
 
     recipes = host.pack("training.recipes")
-    host_training = host.pack("nodes.host_training")
+    host_training = host.pack("host.training")
     sdxl_unet = host.pack("core.sdxl_unet")
     unet = tiny_models.diffusers_unet_from(model)
     unet.requires_grad_(False)  # as the official script, before adding the LoRA layers
@@ -93,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    host = bench_host.start_host()
+    host = bench_host.start_found_host()
     torch.manual_seed(0)
     model = tiny_models.build_tiny_sdxl()
     generator = torch.Generator().manual_seed(0)

@@ -3,25 +3,22 @@
 Both sides run the same masked, overlap-penalised period step of UnZipLoRA (two rank-64 LoRAs,
 mergers and column masks on every attention projection) on the same tiny SDXL-architecture UNet:
 the pack on ComfyUI (object-patched layers, its trainer), the reference on diffusers' UNet with
-forward hooks, written from the method's equations (tests/test_unzip_fidelity.py). Rounds
+forward hooks, written from the method's equations (devkit/unziplora_reference.py). Rounds
 alternate; the median step time of each is reported with the ratio pack / reference.
 
-    python bench/cpu_unzip_step.py [--size 16] [--steps 12] [--rounds 3]
+    python -m bench.cpu_unzip_step [--size 16] [--steps 12] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_host  # noqa: E402
-import report  # noqa: E402
-import tiny_models  # noqa: E402
+from devkit import host as bench_host
+from bench import report
+from devkit import tiny_models
 
 
 def main() -> None:
@@ -30,11 +27,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    host = bench_host.start_host()
-    import test_unzip_fidelity as fidelity
+    host = bench_host.start_found_host()
+    from devkit import unziplora_reference as fidelity
 
     recipes = host.pack("training.recipes")
-    host_training = host.pack("nodes.host_training")
+    host_training = host.pack("host.training")
     diffusion = host.pack("training.diffusion")
     trainer = host.pack("training.trainer")
     sdxl_unet = host.pack("core.sdxl_unet")

@@ -24,7 +24,7 @@ no GPU, fp32 there): the test suite uses it to keep this script working between 
 ``--size narrow`` keeps every layer of SDXL at a tenth of its widths: on a CPU its step time is
 mostly per-operation overhead (Python, dispatch), which a GPU step at 1024 px may also be bound by.
 
-    python bench/gpu_train_step.py [--size full|narrow|tiny] [--steps 10] [--rounds 3]
+    python -m bench.gpu_train_step [--size full|narrow|tiny] [--steps 10] [--rounds 3]
                                    [--only pack,reference] [--compile] [--json out.json]
 """
 
@@ -42,8 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_host  # noqa: E402
+from devkit import host as bench_host
 
 SDXL_UNET_CONFIG = {
     "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
@@ -195,7 +194,7 @@ def adam_fused(trainer, fused: bool):
 def pack_runner(setup: Setup, host, model, variant: PackVariant):
     """``run(n)``: n steps of the pack's own loop, as "Train B-LoRA" runs them, with ``variant``'s change."""
     recipes = host.pack("training.recipes")
-    host_training = host.pack("nodes.host_training")
+    host_training = host.pack("host.training")
     trainer = host.pack("training.trainer")
     adapter_set = host.pack("training.lora_adapters")
     latents, positive = inputs(setup)
@@ -240,7 +239,7 @@ def pack_runner(setup: Setup, host, model, variant: PackVariant):
 def diffusers_unet(setup: Setup, model):
     """diffusers' UNet holding the host model's weights (ComfyUI's own key map)."""
     if setup.size == "tiny":
-        import tiny_models
+        from devkit import tiny_models
 
         return tiny_models.diffusers_unet_from(model).to(setup.device, setup.dtype)
     import comfy.utils
@@ -291,7 +290,7 @@ class ReferenceRecipe:
         from peft import LoraConfig
 
         recipes = host.pack("training.recipes")
-        host_training = host.pack("nodes.host_training")
+        host_training = host.pack("host.training")
         sdxl_unet = host.pack("core.sdxl_unet")
         self.setup = setup
         self.unet = diffusers_unet(setup, model).requires_grad_(False)
@@ -365,7 +364,7 @@ def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int
     """Every side in turn, ``rounds`` times over, so that each sees the machine in the same
     states; per side the median step after each round's ``warmup``, the first step of the first
     round (torch.compile's time shows there) and the highest peak memory."""
-    host = bench_host.start_host(cpu=setup.device.type != "cuda")
+    host = bench_host.start_found_host(cpu=setup.device.type != "cuda")
     model = build_unet(setup)
     reference = None
     runners = {}

@@ -13,21 +13,18 @@ the meta device does not is imitated:
 
 It is an estimate; ``bench/gpu_train_step.py`` measures the peak on a GPU.
 
-    python bench/memory_estimate.py
+    python -m bench.memory_estimate
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_host  # noqa: E402
-import gpu_train_step  # noqa: E402
+from devkit import host as bench_host
+from bench import gpu_train_step
 
 FP16_OPS = {F.linear, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
             torch.Tensor.__matmul__, torch.Tensor.matmul}
@@ -82,7 +79,7 @@ def saved_for_backward(run) -> int:
 
 def main() -> None:
     setup = gpu_train_step.Setup(torch.device("cpu"), "full")  # sizes only: the tensors go to "meta"
-    host = bench_host.start_host()
+    host = bench_host.start_found_host()
     import comfy.ldm.modules.attention as attention
     import comfy.supported_models
     import comfy.utils

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .host import PACK_ROOT, find_comfyui, start_comfyui
+from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
 from .runner import CommandLineError, node_definitions, run_prompt
 
 WORKFLOWS = PACK_ROOT / "workflows"
@@ -105,6 +105,19 @@ def lora_name(value: str) -> str:
     return value if value.endswith(".safetensors") else value + ".safetensors"
 
 
+def existing_lora(value: str) -> str:
+    """``value`` as a file name in the loras folder, checked before the graph runs (the host's
+    own check of a file list would only say "Value not in list")."""
+    from ..host import model as host_model
+
+    name = lora_name(value)
+    try:
+        host_model.lora_file_path(name)
+    except FileNotFoundError as error:
+        raise CommandLineError(str(error)) from None
+    return name
+
+
 RECIPE_NAMES = {"b-lora": "B-LoRA blocks (content + style)", "style": "all attention layers (style LoRA)"}
 
 
@@ -127,10 +140,10 @@ def _with_blocks(session, args, content: str | None, style: str | None):
     model = session.checkpoint.out(0)
     mode = "official B-LoRA (squared)"
     if content:
-        model = session.graph.node("BLoRALoadContentLoRA", model=model, lora_name=lora_name(content),
+        model = session.graph.node("BLoRALoadContentLoRA", model=model, lora_name=existing_lora(content),
                                    strength=args.content_strength, strength_mode=mode).out(0)
     if style:
-        model = session.graph.node("BLoRALoadStyleLoRA", model=model, lora_name=lora_name(style),
+        model = session.graph.node("BLoRALoadStyleLoRA", model=model, lora_name=existing_lora(style),
                                    strength=args.style_strength, strength_mode=mode).out(0)
     return model
 
@@ -163,7 +176,7 @@ def command_unzip(args) -> None:
                            prompt=args.prompt)
     else:
         merged = session.graph.node("UnZipColumnMaskMerge", model=session.checkpoint.out(0),
-                                    content_lora=lora_name(args.content), style_lora=lora_name(args.style),
+                                    content_lora=existing_lora(args.content), style_lora=existing_lora(args.style),
                                     content_strength=args.content_strength, style_strength=args.style_strength,
                                     content_merger=args.content_merger, style_merger=args.style_merger)
         session.sample(merged.out(0), args.prompt, "unziplora/recombined", args)

@@ -42,7 +42,12 @@ def node_definitions(nodes_module) -> dict:
 def run_prompt(prompt: dict) -> dict:
     """Validate and execute ``prompt``; returns the outputs of its output nodes by node id."""
     import execution
+    import nodes
 
+    from ..core import workflow_format
+    from ..host import compat
+
+    workflow_format.fill_defaults(prompt, node_definitions(nodes))
     prompt_id = uuid.uuid4().hex
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid or node_errors:
@@ -50,7 +55,7 @@ def run_prompt(prompt: dict) -> dict:
                             + ", ".join(f"{e['message']} {e.get('details', '')}".strip() for e in info["errors"])
                             for node, info in (node_errors or {}).items())
         raise CommandLineError(f"The graph is not valid: {details or error['message']}")
-    executor = execution.PromptExecutor(ConsoleServer(), cache_type=False)
+    executor = compat.prompt_executor(ConsoleServer())
     executor.execute(prompt, prompt_id, {}, outputs)
     if not executor.success:
         failures = [data for event, data in executor.status_messages

@@ -3,7 +3,9 @@
 - ``build_ui``: a compact description (nodes with their inputs, links as ``(node, slot)``, notes)
   to the UI format the graph editor loads and saves (``widgets_values`` positional).
 - ``ui_to_api``: a UI-format workflow to the API format the executor runs, as the editor's
-  "Export (API)" does: widgets to named inputs, links to ``[node, slot]``.
+  "Export (API)" does: widgets to named inputs, links to ``[node, slot]``; widgets a workflow
+  was saved without (inputs a newer host appended) get the host's defaults, as in the editor.
+- ``fill_defaults``: the same defaults for an API-format prompt built in code (the CLI).
 
 Both take ``object_info`` (the server's ``/object_info``): the input order, which inputs are
 widgets, and the extra widget values the editor stores (a seed's "control after generate", an
@@ -150,11 +152,15 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if _is_widget(spec):
                 extras = _extra_widget_values(spec)
                 if position + 1 + len(extras) > len(values):
-                    if section == "optional" and position == len(values):
-                        inputs[name] = _default(spec)  # saved before this optional input was appended
+                    if position == len(values):
+                        inputs[name] = _default(spec)  # saved before this input was appended: the editor's default
                         continue
                     raise WorkflowError(f"node {node['id']} ({node['type']}): too few widget values for {name!r}")
-                inputs[name] = values[position]
+                value = values[position]
+                if not _fits(spec, value):
+                    raise WorkflowError(f"node {node['id']} ({node['type']}): widget value {value!r} does not fit "
+                                        f"input {name!r} ({_spec_type(spec)}); are the widget values shifted?")
+                inputs[name] = value
                 position += 1 + len(extras)
             if name in linked:
                 inputs[name] = [str(linked[name][1]), linked[name][2]]
@@ -162,6 +168,35 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             raise WorkflowError(f"node {node['id']} ({node['type']}): {len(values)} widget values, "
                                 f"the node has {position}")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def _fits(spec, value) -> bool:
+    """Whether a saved widget value has the type of its input (combo values are not checked
+    against their options: a file list differs from machine to machine)."""
+    kind = _spec_type(spec)
+    if kind == "INT":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "FLOAT":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "BOOLEAN":
+        return isinstance(value, bool)
+    if kind == "STRING":
+        return isinstance(value, str)
+    return not isinstance(value, (dict, list))
+
+
+def fill_defaults(prompt: dict, object_info: dict) -> dict:
+    """An API-format prompt with every widget input it leaves out set to the host's default,
+    as the editor does for a node saved before an input existed (e.g. 0.33's
+    ``resolution_steps`` on Scale Image to Total Pixels)."""
+    for node in prompt.values():
+        info = object_info.get(node["class_type"])
+        if info is None:
+            continue
+        for name, spec in _ordered_inputs(info):
+            if _is_widget(spec) and name not in node["inputs"]:
+                node["inputs"][name] = _default(spec)
     return prompt
 
 

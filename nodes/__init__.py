@@ -9,7 +9,7 @@ from .train import TrainBLoRA
 from .unzip_merge import UnZipColumnMaskMerge
 from .unzip_train import TrainUnZipLoRA
 from .rechar import ReCharStructureFuse
-from . import routes
+from ..host import routes
 
 
 class BLoRAExtension(ComfyExtension):

@@ -6,7 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import blora
-from . import host_model
+from ..host import model as host_model
 
 CATEGORY = "B-LoRA"
 
@@ -53,6 +53,10 @@ class _BlockLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip=f"The model with the {cls.ROLE} block patched.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str) -> bool | str:
+        return host_model.lora_files_problem(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float,

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..core import blora, sdxl_unet
 from ..core.glyph import canny_edges
 from ..core.windowed_lora import Gate, WindowedLoraLinear, in_window, sigma_window
-from . import host_model
+from ..host import model as host_model
 
 CATEGORY = "B-LoRA"
 WRAPPER_KEY = "blora_rechar_structure_window"
@@ -71,6 +71,10 @@ class ReCharStructureFuse(io.ComfyNode):
                 io.Mask.Output(display_name="edge_mask", tooltip="The same edges as a mask."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, structure_lora: str, style_lora: str) -> bool | str:
+        return host_model.lora_files_problem(structure_lora, style_lora)
 
     @classmethod
     def execute(cls, model, structure_lora: str, style_lora: str, structure_strength: float, style_strength: float,

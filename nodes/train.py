@@ -15,8 +15,8 @@ from ..core import files, lora_format, loss_plot, sdxl_unet
 from ..training import checkpoint, recipes
 from ..training.lora_adapters import LoraAdapterSet
 from ..training.trainer import PRECISIONS, TrainConfig
-from . import host_model, host_training
-from .training_run import TrainingRun, file_metadata, precision_for
+from ..host import model as host_model, training as host_training
+from ..host.training_run import TrainingRun, file_metadata, precision_for
 
 CATEGORY = "B-LoRA"
 

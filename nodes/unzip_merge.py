@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import column_masks
-from . import host_model
+from ..host import model as host_model
 
 CATEGORY = "B-LoRA"
 NO_MERGER = "none"
@@ -58,6 +58,12 @@ class UnZipColumnMaskMerge(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with both LoRAs merged in.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, content_lora: str, style_lora: str, content_merger: str, style_merger: str) -> bool:
+        """The names are checked when the node runs, not here: a training node earlier in the same
+        prompt may create these files (connected through content_lora_file / style_lora_file)."""
+        return True
 
     @classmethod
     def execute(cls, model, content_lora: str, style_lora: str, content_strength: float, style_strength: float,

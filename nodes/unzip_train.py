@@ -16,8 +16,8 @@ from ..core import column_masks, files, lora_format, loss_plot, sdxl_unet
 from ..core.lora_format import LoraLayer, LoraWeights
 from ..training import checkpoint, recipes, unziplora
 from ..training.trainer import PRECISIONS, TrainConfig
-from . import host_model, host_training
-from .training_run import TrainingRun, file_metadata, precision_for
+from ..host import model as host_model, training as host_training
+from ..host.training_run import TrainingRun, file_metadata, precision_for
 
 CATEGORY = "B-LoRA"
 

@@ -14,17 +14,15 @@ import sys
 import pytest
 import torch
 
-import host_harness
-from conftest import COMFYUI_PATH
+from devkit import host as host_harness
+from devkit.host import COMFYUI_PATH
 
-BENCH = host_harness.PACK_ROOT / "bench"
-sys.path.insert(0, str(BENCH))
 
 
 def run_bench(script: str, *arguments: str) -> str:
     environment = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH)}
-    result = subprocess.run([sys.executable, str(BENCH / script), *arguments], env=environment,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *arguments], env=environment,
+                            cwd=host_harness.PACK_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -39,7 +37,7 @@ def test_cpu_benchmarks_print_their_ratio(host, script, arguments):
 
 
 def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
-    import gpu_train_step
+    from bench import gpu_train_step
 
     results_file = tmp_path / "results.json"
     output = run_bench("gpu_train_step.py", "--size", "tiny", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json", str(results_file))
@@ -52,7 +50,7 @@ def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
 
 
 def test_gpu_benchmark_refuses_unknown_sides():
-    import gpu_train_step
+    from bench import gpu_train_step
 
     with pytest.raises(SystemExit):
         gpu_train_step.main(["--size", "tiny", "--only", "pack,nonsense"])
@@ -61,7 +59,7 @@ def test_gpu_benchmark_refuses_unknown_sides():
 def test_gpu_benchmark_variants_restore_what_they_change(host):
     """An ablation must not leak into the sides measured after it."""
     import comfy.ldm.modules.attention as attention
-    import gpu_train_step
+    from bench import gpu_train_step
 
     trainer = host.pack("training.trainer")
     chosen_attention, make_optimizer = attention.optimized_attention, trainer.make_optimizer
@@ -81,7 +79,7 @@ def test_memory_estimate_runs_on_the_full_size_unet(host):
 
 def test_saved_bytes_on_the_meta_device_equal_those_of_a_real_run():
     """The estimate counts on the meta device; a real run of the same module saves as much."""
-    import memory_estimate
+    from bench import memory_estimate
 
     def block(device):
         torch.manual_seed(0)
@@ -97,7 +95,7 @@ def test_saved_bytes_on_the_meta_device_equal_those_of_a_real_run():
 
 
 def test_meta_autocast_casts_like_fp16_autocast():
-    import memory_estimate
+    from bench import memory_estimate
 
     with memory_estimate.MetaAutocast():
         product = torch.nn.functional.linear(torch.empty(2, 4, device="meta"), torch.empty(3, 4, device="meta"))

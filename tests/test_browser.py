@@ -7,7 +7,6 @@ console error. The screenshot is kept in test-artifacts/."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import browser_harness
-import server_harness
-from conftest import COMFYUI_PATH
+from devkit import browser as browser_harness
+from devkit import server as server_harness
+from devkit.host import COMFYUI_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 from blora_pack.core import workflow_format  # noqa: E402

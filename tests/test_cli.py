@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-import host_harness
-from conftest import COMFYUI_PATH
+from devkit import host as host_harness
+from devkit.host import COMFYUI_PATH
 
 
 @pytest.fixture(scope="module")

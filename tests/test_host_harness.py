@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import tiny_models
+from devkit import tiny_models
 
 
 def test_host_loads_pack_through_its_own_loader(host):

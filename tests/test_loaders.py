@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_namings
-import tiny_models
+from devkit import tiny_models
 
 CONTENT, STYLE = "BLoRALoadContentLoRA", "BLoRALoadStyleLoRA"
 BLOCK_OF_NODE = {CONTENT: "output_blocks.0.1", STYLE: "output_blocks.1.1"}

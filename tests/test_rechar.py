@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import lora_namings
-import tiny_models
+from devkit import tiny_models
 
 FUSE = "ReCharStructureFuse"
 

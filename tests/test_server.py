@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import server_harness
-from conftest import COMFYUI_PATH
+from devkit import server as server_harness
+from devkit.host import COMFYUI_PATH
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def test_training_reports_every_step_and_saves_the_file(server):
     assert [e["step"] for e in events] == [1, 2, 3, 4]
     assert all(e["node"] == "4" and e["total"] == 4 and e["loss"] > 0 for e in events)
     progress = [m["data"]["value"] for m in messages if m["type"] == "progress" and m["data"]["node"] == "4"]
-    assert progress[-4:] == [1, 2, 3, 4]
+    # the host's bar: since 0.33 it sends at most one update per 100 ms (first and last always)
+    assert progress[-1] == 4 and progress == sorted(set(progress)) and len(progress) >= 2
     assert (workdir / "loras" / "served" / "cat.safetensors").is_file()
     assert history["outputs"]["4"]["text"] == ["saved served/cat.safetensors (4 steps, last loss "
                                               f"{events[-1]['loss']:.4f})"]

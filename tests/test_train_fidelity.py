@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_models
+from devkit import tiny_models
 
 RANK, LEARNING_RATE, SEED = 4, 1e-3, 11
 
@@ -50,7 +50,7 @@ def test_one_step_equals_the_official_recipe(host, tiny_sdxl, run_inputs):
     from diffusers import DDPMScheduler
 
     recipes = host.pack("training.recipes")
-    host_training = host.pack("nodes.host_training")
+    host_training = host.pack("host.training")
     diffusion = host.pack("training.diffusion")
     trainer = host.pack("training.trainer")
     sdxl_unet = host.pack("core.sdxl_unet")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_namings
-import tiny_models
+from devkit import tiny_models
 
 MERGE = "UnZipColumnMaskMerge"
 

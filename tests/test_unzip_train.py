@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-import host_harness
-import tiny_models
+from devkit import host as host_harness
+from devkit import tiny_models
 
 TRAIN, MERGE = "UnZipLoRATrain", "UnZipColumnMaskMerge"
 SPARSE_CONTENT_BLOCKS = ("output_blocks.1.1", "output_blocks.3.1", "output_blocks.4.1", "output_blocks.5.1")

@@ -10,7 +10,6 @@ sizes are scaled down, nothing else.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import lora_namings
-import server_harness
-import tiny_models
-from conftest import COMFYUI_PATH
+from devkit import server as server_harness
+from devkit import tiny_models
+from devkit.host import COMFYUI_PATH
 
 from blora_pack.command_line.tiny import swap_loaders_for_tiny
 from blora_pack.core import workflow_format
@@ -88,8 +87,14 @@ def test_a_wrong_widget_count_or_unknown_node_is_caught(server):
     saved = list(node["widgets_values"])
     node["widgets_values"] = saved[:-1]  # saved before the last optional input was appended: still loads
     assert workflow_format.ui_to_api(workflow, object_info)[str(node["id"])]["inputs"]["preview_every"] == 0
-    node["widgets_values"] = saved[:3]
+    node["widgets_values"] = saved[:3]  # saved before every input after `rank` existed: the host's defaults
+    inputs = workflow_format.ui_to_api(workflow, object_info)[str(node["id"])]["inputs"]
+    assert inputs["rank"] == saved[2] and inputs["seed"] == 0 and inputs["precision"] == "fp16"
+    node["widgets_values"] = saved[:4]  # the seed without its "control after generate" value
     with pytest.raises(workflow_format.WorkflowError, match="too few widget values"):
+        workflow_format.ui_to_api(workflow, object_info)
+    node["widgets_values"] = saved[1:] + saved[:1]  # shifted by one
+    with pytest.raises(workflow_format.WorkflowError, match="does not fit"):
         workflow_format.ui_to_api(workflow, object_info)
     node["widgets_values"] = saved + [1]
     with pytest.raises(workflow_format.WorkflowError, match="widget values"):
@@ -99,6 +104,7 @@ def test_a_wrong_widget_count_or_unknown_node_is_caught(server):
         workflow_format.ui_to_api(workflow, object_info)
 
 
+@pytest.mark.external_pack
 @pytest.mark.parametrize("workflow", IPADAPTER_WORKFLOWS, ids=[w.stem for w in IPADAPTER_WORKFLOWS])
 def test_ipadapter_variants_fit_that_packs_node_definitions(server, workflow):
     """Not run (they need IP-Adapter model files), but every node type and widget count is

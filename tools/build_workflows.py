@@ -3,7 +3,7 @@
 Node definitions come from a real ComfyUI server started on loopback with this pack (found as
 for the tests), so widget order and defaults are the host's. Run after changing a node's inputs:
 
-    python tools/build_workflows.py
+    python -m tools.build_workflows
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import pack_import  # noqa: E402
-
-pack_import.register_pack()
-from blora_pack.core.workflow_format import Node, Note, build_ui  # noqa: E402
+from devkit import PACK_ROOT as ROOT
+from blora_pack.core.workflow_format import Node, Note, build_ui
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SAMPLER = {"seed": 0, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
@@ -277,18 +273,17 @@ IPADAPTER_WORKFLOWS = {
 
 
 def main() -> None:
-    import conftest
-    import server_harness
+    from devkit import host, server as server_harness
 
-    if conftest.COMFYUI_PATH is None:
-        sys.exit(conftest.NO_HOST_REASON)
+    if host.COMFYUI_PATH is None:
+        sys.exit(host.NO_HOST_REASON)
     ipadapter = server_harness.ipadapter_pack()
     workflows = dict(WORKFLOWS)
     if ipadapter:
         workflows.update(IPADAPTER_WORKFLOWS)
     else:
         print("IPADAPTER_PACK_PATH names no copy of ComfyUI_IPAdapter_plus: the _ipadapter variants are not rebuilt")
-    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp()),
+    with server_harness.comfy_server(host.COMFYUI_PATH, Path(tempfile.mkdtemp()),
                                      extra_packs=(ipadapter,) if ipadapter else ()) as url:
         object_info = server_harness.get_json(url, "/object_info")
     for name, describe in workflows.items():

@@ -3,7 +3,7 @@
 Uses the browser test's machinery: a real ComfyUI server on loopback with this pack, Debian's
 headless Chromium driven by Playwright. Run after changing a workflow:
 
-    python tools/screenshot_workflows.py
+    python -m tools.screenshot_workflows
 """
 
 from __future__ import annotations
@@ -14,21 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from devkit import PACK_ROOT as ROOT
 
 
 def main() -> None:
-    import browser_harness
-    import conftest
-    import server_harness
+    from devkit import browser as browser_harness, host, server as server_harness
 
-    if conftest.COMFYUI_PATH is None:
-        sys.exit(conftest.NO_HOST_REASON)
+    if host.COMFYUI_PATH is None:
+        sys.exit(host.NO_HOST_REASON)
     images = ROOT / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
     ipadapter = server_harness.ipadapter_pack()  # the _ipadapter variants show their nodes only with it
-    with server_harness.comfy_server(conftest.COMFYUI_PATH, Path(tempfile.mkdtemp()),
+    with server_harness.comfy_server(host.COMFYUI_PATH, Path(tempfile.mkdtemp()),
                                      extra_packs=(ipadapter,) if ipadapter else ()) as url:
         with browser_harness.editor(url, 2200, 1400) as (page, _):
             page.evaluate("async () => { await window.app.extensionManager.setting.set("

@@ -15,7 +15,8 @@ import comfy.model_management
 
 from ..training import checkpoint
 from ..training.trainer import TrainConfig, TrainingHooks, TrainingMethod, TrainingState, train
-from . import host_training, progress
+from . import progress
+from . import training as host_training
 
 PACK_VERSION = "0.1.0"
 

@@ -19,6 +19,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..training.diffusion import alphas_cumprod_from_sigmas
+from . import compat
 
 OFFICIAL_RESOLUTION = 1024
 """The official script's size conditioning: (1024, 1024, 0, 0, 1024, 1024) whatever the image."""
@@ -129,7 +130,8 @@ def _unload(model_patcher) -> None:
 @contextlib.contextmanager
 def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | None = None,
                    module_wrappers: dict | None = None):
-    """A clone of ``model`` loaded for training ``trainable``.
+    """A clone of ``model`` (of the host's non-dynamic delegate under dynamic VRAM, see
+    ``compat.trainable_patcher``) loaded for training ``trainable``.
 
     ``weight_wrappers`` maps module paths to functions of the weight (``W -> W + delta``), added
     with ``ModelPatcher.add_weight_wrapper``; ``module_wrappers`` maps module paths to functions
@@ -139,12 +141,13 @@ def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | No
     restored by the host), the wrappers are taken off and every grad flag is restored.
     """
     weight_wrappers = weight_wrappers or {}
-    clone = model.clone()
+    base = compat.trainable_patcher(model)
+    clone = base.clone()
     for path, wrapper in weight_wrappers.items():
         clone.add_weight_wrapper(f"diffusion_model.{path}.weight", wrapper)
     for path, wrap in (module_wrappers or {}).items():
         name = f"diffusion_model.{path}"
-        clone.add_object_patch(name, wrap(model.get_model_object(name)))
+        clone.add_object_patch(name, wrap(base.get_model_object(name)))
     unet = clone.model.diffusion_model
     requires_grad = {name: param.requires_grad for name, param in unet.named_parameters()}
     try:

@@ -41,6 +41,17 @@ def lora_file_path(lora_name: str) -> str:
     return path
 
 
+def lora_files_problem(*lora_names: str) -> bool | str:
+    """For a node's ``validate_inputs``: True when every name is a file in the loras folder,
+    else the message the node gives (the host's own check would only say "Value not in list")."""
+    for name in lora_names:
+        try:
+            lora_file_path(name)
+        except FileNotFoundError as error:
+            return str(error)
+    return True
+
+
 def read_lora(lora_name: str) -> lora_format.LoraWeights:
     return lora_format.read_lora_file(lora_file_path(lora_name))
 

@@ -1,4 +1,5 @@
-"""Finding and starting the real ComfyUI host in-process, on the CPU.
+"""The real ComfyUI host, found and started in this process on the CPU, for tests, benchmarks
+and tools.
 
 Discovery order (the README documents it): ``$COMFYUI_PATH``, the folder two levels above the
 pack (its place in a real install, ``ComfyUI/custom_nodes/<pack>``), then ``~/ComfyUI``.
@@ -6,10 +7,17 @@ pack (its place in a real install, ``ComfyUI/custom_nodes/<pack>``), then ``~/Co
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from blora_pack.command_line.host import PACK_ROOT, find_comfyui, pack_module, start_comfyui  # noqa: F401
+from blora_pack.command_line.comfyui import PACK_ROOT, find_comfyui, pack_module, start_comfyui  # noqa: F401
+
+COMFYUI_PATH, COMFYUI_FOUND_HOW = find_comfyui()
+NO_HOST_REASON = (
+    f"HOST TESTS SKIPPED: {COMFYUI_FOUND_HOW}. Set COMFYUI_PATH to a ComfyUI checkout "
+    "(see README, 'Tests') to run them."
+)
 
 
 @dataclass
@@ -31,7 +39,8 @@ class Host:
         import torch
         from comfy_api.latest import io
 
-        node_class = self.node(node_id).PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+        compat = self.pack("host.compat")
+        node_class = compat.prepare_node_class(self.node(node_id), {io.Hidden.unique_id: unique_id})
         with torch.inference_mode():
             return node_class.execute(*args, **kwargs)
 
@@ -50,14 +59,24 @@ def start_host(path: Path, cpu: bool = True) -> Host:
     return _started
 
 
+def start_found_host(cpu: bool = True) -> Host:
+    """The host found as the tests find it, started; or exit saying where it was looked for."""
+    if COMFYUI_PATH is None:
+        sys.exit(NO_HOST_REASON)
+    return start_host(COMFYUI_PATH, cpu=cpu)
+
+
 def press_cancel_during_step(host: Host, monkeypatch, step_number: int) -> dict:
     """Make the host's Cancel fire while the UNet runs the ``step_number``-th training step
-    (1-based), through the real interrupt flag. Returns a counter of UNet calls."""
+    (1-based), through the real interrupt flag. Returns counters of UNet calls made (``n``) and
+    completed (``completed``): since 0.33 the host checks the flag inside every layer, so the
+    call during which Cancel is pressed may not complete, and a checkpoint then holds one step
+    less."""
     import comfy.model_management
 
-    host_training = host.pack("nodes.host_training")
+    host_training = host.pack("host.training")
     real = host_training.unet_predict
-    calls = {"n": 0}
+    calls = {"n": 0, "completed": 0}
 
     def unet_predict(*args):
         predict = real(*args)
@@ -66,7 +85,9 @@ def press_cancel_during_step(host: Host, monkeypatch, step_number: int) -> dict:
             calls["n"] += 1
             if calls["n"] == step_number:
                 comfy.model_management.interrupt_current_processing(True)
-            return predict(*inputs)
+            output = predict(*inputs)
+            calls["completed"] += 1
+            return output
 
         return counting
 

@@ -18,7 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import host_harness
+from . import host as host_harness
 
 FIXTURE_NODES = Path(__file__).resolve().parent / "fixture_nodes" / "tiny_sdxl_fixtures"
 PACK_FOLDER_NAME = "blora_pack"

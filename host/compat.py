@@ -1,0 +1,52 @@
+"""The one place that knows how the supported ComfyUI versions differ (0.3.64 to 0.33).
+
+Everything else in the pack calls these functions and never looks at the host's version; each
+function checks for the host feature itself, not for a version number.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import comfy.model_patcher
+
+HAS_DYNAMIC_VRAM = hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+"""0.15 and later: on NVIDIA GPUs models load through ``ModelPatcherDynamic`` (comfy-aimdo),
+which streams weights to the GPU per layer; on the CPU it falls back to the plain patcher."""
+
+
+def prepare_node_class(node_class, hidden: dict):
+    """The per-run clone of a V3 node class with its hidden inputs, as the executor makes it:
+    since 0.8 ``PREPARE_CLASS_CLONE`` takes V3 data (``{"hidden_inputs": ...}``), before it
+    took the hidden inputs themselves."""
+    first_parameter = next(iter(inspect.signature(node_class.PREPARE_CLASS_CLONE).parameters))
+    return node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if first_parameter == "v3_data" else hidden)
+
+
+def is_dynamic(model_patcher) -> bool:
+    return bool(getattr(model_patcher, "is_dynamic", lambda: False)())
+
+
+def trainable_patcher(model_patcher):
+    """The patcher whose module training may run on.
+
+    A dynamic patcher streams each weight into a shared cast buffer per layer, so a frozen
+    weight that autograd saves for backward can be overwritten before backward reads it, and
+    the weights carry loader tags that replacing a parameter drops. Training therefore runs on
+    the host's own non-dynamic delegate (``get_non_dynamic_delegate``: the mechanism the host
+    itself falls back to for features dynamic loading lacks, built once per model and cached
+    on it, carrying the user's patches). A plain patcher is returned as it is.
+    """
+    if is_dynamic(model_patcher):
+        return model_patcher.get_non_dynamic_delegate()
+    return model_patcher
+
+
+def prompt_executor(server):
+    """The host's ``PromptExecutor`` with the classic cache (each run of the command line is one
+    prompt). Since 0.19 it reads RAM-cache thresholds from ``cache_args``; 0 keeps them off."""
+    import execution
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server, cache_type=False)
