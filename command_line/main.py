@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
+from . import sample_image
 from .runner import CommandLineError, node_definitions, run_prompt
 
 WORKFLOWS = PACK_ROOT / "workflows"
@@ -68,14 +69,21 @@ class Session:
             return self.graph.node("TinyTextEncode", text=prompt).out(0)
         return self.graph.node("CLIPTextEncode", text=prompt, clip=self.checkpoint.out(1)).out(0)
 
-    def image_latent(self, image: str):
-        """An image file encoded as a latent, scaled to about a megapixel as the official scripts do."""
-        source = Path(image).expanduser()
-        if not source.is_file():
-            raise CommandLineError(f"No image at {source}.")
+    def image_latent(self, image: str | None):
+        """An image file encoded as a latent, scaled to about a megapixel as the official scripts do.
+        With ``--tiny`` and no image, the sample drawn by ``sample_image``."""
         inbox = Path(self.folder_paths.get_input_directory()) / "blora_cli"
         inbox.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, inbox / source.name)
+        if image is None:
+            if not self.tiny:
+                raise CommandLineError("Give --image (the picture to train on).")
+            source = sample_image.write_sample(inbox)
+            print(f"--tiny: training on the bundled sample image (drawn in code), {source}")
+        else:
+            source = Path(image).expanduser()
+            if not source.is_file():
+                raise CommandLineError(f"No image at {source}.")
+            shutil.copyfile(source, inbox / source.name)
         loaded = self.graph.node("LoadImage", image=f"blora_cli/{source.name}")
         scaled = self.graph.node("ImageScaleToTotalPixels", image=loaded.out(0), upscale_method="lanczos",
                                  megapixels=0.02 if self.tiny else 1.0)
@@ -99,6 +107,15 @@ class Session:
             for text in result.get("text", []):
                 print(text)
         return outputs
+
+    def print_lora_files(self, name: str, suffixes=("",)) -> None:
+        folder = Path(self.folder_paths.get_folder_paths("loras")[0])
+        for suffix in suffixes:
+            print("lora:", folder / lora_name(name + suffix))
+
+
+def image_stem(image: str | None) -> str:
+    return Path(image).stem if image else Path(sample_image.FILE_NAME).stem
 
 
 def lora_name(value: str) -> str:
@@ -127,13 +144,15 @@ def command_train(args) -> None:
     recipe = RECIPES[RECIPE_NAMES[args.recipe]]
     session = Session(args)
     steps = args.steps if args.steps is not None else (200 if args.tiny else recipe.steps)
+    name = args.name or f"b-lora/{image_stem(args.image)}"
     session.graph.node("BLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
                        positive=session.text(args.prompt), steps=steps,
                        learning_rate=args.learning_rate or recipe.learning_rate, rank=args.rank or recipe.rank,
-                       seed=args.seed, lora_name=args.name or f"b-lora/{Path(args.image).stem}",
+                       seed=args.seed, lora_name=name,
                        precision=args.precision, recipe=recipe.name, prompt=args.prompt,
                        export_diffusers=args.export_diffusers)
     session.run()
+    session.print_lora_files(name)
 
 
 def _with_blocks(session, args, content: str | None, style: str | None):
@@ -165,6 +184,7 @@ def command_generate(args) -> None:
 
 def command_unzip(args) -> None:
     session = Session(args)
+    name = args.name or f"unziplora/{image_stem(args.image)}"
     if args.action == "train":
         steps = args.steps if args.steps is not None else (12 if args.tiny else 600)
         session.graph.node("UnZipLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
@@ -172,7 +192,7 @@ def command_unzip(args) -> None:
                            style_positive=session.text(args.style_prompt), steps=steps, content_learning_rate=5e-5,
                            style_learning_rate=5e-5, merger_learning_rate=5e-3, rank=args.rank,
                            sample_times=3, column_ratio=0.1, seed=args.seed,
-                           lora_name=args.name or f"unziplora/{Path(args.image).stem}", precision=args.precision,
+                           lora_name=name, precision=args.precision,
                            prompt=args.prompt)
     else:
         merged = session.graph.node("UnZipColumnMaskMerge", model=session.checkpoint.out(0),
@@ -181,6 +201,8 @@ def command_unzip(args) -> None:
                                     content_merger=args.content_merger, style_merger=args.style_merger)
         session.sample(merged.out(0), args.prompt, "unziplora/recombined", args)
     session.run()
+    if args.action == "train":
+        session.print_lora_files(name, ("_content", "_style"))
 
 
 def _parse_value(text: str):
@@ -237,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", parents=[common], help="an image and a checkpoint to a B-LoRA file")
-    train.add_argument("--image", required=True)
+    train.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
     train.add_argument("--prompt", default="A [v]")
     train.add_argument("--name", help="output name in the loras folder (default b-lora/<image name>)")
     train.add_argument("--steps", type=int)
@@ -264,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
 
     unzip = commands.add_parser("unzip", parents=[common], help="UnZipLoRA: train, or recombine two LoRAs")
     unzip.add_argument("action", choices=("train", "recombine"))
-    unzip.add_argument("--image")
+    unzip.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
     unzip.add_argument("--prompt", required=True, help="combined prompt (train) or the sampling prompt (recombine)")
     unzip.add_argument("--content-prompt")
     unzip.add_argument("--style-prompt")
@@ -289,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.command == "unzip":
-        needed = ("image", "content_prompt", "style_prompt") if args.action == "train" else ("content", "style")
+        needed = (("content_prompt", "style_prompt") + (() if args.tiny else ("image",)) if args.action == "train"
+                  else ("content", "style"))
         missing = [f"--{name.replace('_', '-')}" for name in needed if not getattr(args, name)]
         if missing:
             print(f"error: unzip {args.action} needs {', '.join(missing)}", file=sys.stderr)

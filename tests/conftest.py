@@ -22,6 +22,23 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "external_pack: needs another node pack; may skip, also in CI")
+    config.addinivalue_line("markers", "dynamic_vram: only for hosts with dynamic VRAM (0.15+); deselected on others")
+
+
+def host_has_dynamic_vram() -> bool:
+    patcher = COMFYUI_PATH / "comfy" / "model_patcher.py" if COMFYUI_PATH else None
+    return patcher is not None and "class ModelPatcherDynamic" in patcher.read_text()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of a host feature the host under test lacks are not run there (deselected, not
+    skipped: they do not apply)."""
+    if host_has_dynamic_vram():
+        return
+    kept = [item for item in items if item.get_closest_marker("dynamic_vram") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def pytest_report_header(config):

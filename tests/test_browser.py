@@ -41,8 +41,13 @@ def swap_loaders_ui(workflow: dict, object_info: dict) -> dict:
     return workflow
 
 
-@pytest.fixture(scope="module")
-def browser_page(host, tmp_path_factory):
+RENDERERS = {"litegraph": False, "nodes_2": True}
+"""The editor's default canvas renderer, and the Vue node renderer ("Nodes 2.0",
+setting ``Comfy.VueNodes.Enabled``) where the frontend offers it."""
+
+
+@pytest.fixture(scope="module", params=list(RENDERERS))
+def browser_page(host, tmp_path_factory, request):
     if browser_harness.CHROMIUM is None:
         pytest.skip("BROWSER TEST SKIPPED: no chromium on PATH (apt-get install chromium; .ci/run does)")
     pytest.importorskip("playwright.sync_api", reason="BROWSER TEST SKIPPED: pip install playwright")
@@ -51,11 +56,15 @@ def browser_page(host, tmp_path_factory):
         pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(workdir / "input" / "my_image.png")
         with browser_harness.editor(url) as (page, problems):
-            yield page, url, server_harness.get_json(url, "/object_info"), problems
+            if RENDERERS[request.param]:
+                offered = page.evaluate("() => window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled') !== undefined")
+                assert offered, "this frontend has no Vue node renderer setting"
+                page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+            yield page, url, server_harness.get_json(url, "/object_info"), problems, request.param
 
 
 def test_live_loss_chart_fills_during_training(browser_page):
-    page, url, object_info, problems = browser_page
+    page, url, object_info, problems, renderer = browser_page
     workflow = swap_loaders_ui(json.loads((ROOT / "workflows" / "b-lora_train.json").read_text()), object_info)
     browser_harness.load_workflow(page, workflow)
     train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "BLoRATrain")
@@ -73,8 +82,8 @@ def test_live_loss_chart_fills_during_training(browser_page):
                   " c.setDirty(true, true); }", train_id)
     time.sleep(1.0)
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "browser_training.png"))
-    page.locator("canvas.blora-loss-chart").first.screenshot(path=str(ARTIFACTS / "loss_chart.png"))
+    page.screenshot(path=str(ARTIFACTS / f"browser_training_{renderer}.png"))
+    page.locator("canvas.blora-loss-chart").first.screenshot(path=str(ARTIFACTS / f"loss_chart_{renderer}.png"))
     ours = [p for p in problems if "blora" in p[0] or "blora" in p[1]]
     assert ours == [], ours
 
@@ -87,7 +96,7 @@ def test_live_loss_chart_fills_during_training(browser_page):
 
 
 def test_recipe_choice_fills_in_its_defaults(browser_page):
-    page, _, _, problems = browser_page
+    page, _, _, problems, _ = browser_page
     values = page.evaluate("""async () => {
         const node = LiteGraph.createNode("BLoRATrain");
         window.app.graph.add(node);

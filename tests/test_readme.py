@@ -1,0 +1,125 @@
+"""The README's commands run as written: every command in its ``bash`` blocks is checked here.
+
+- the demo (``python cli.py train --tiny``) runs in a fresh process from the pack's folder, with
+  no file from the user, and says where its LoRA went;
+- every other ``python cli.py`` line parses with the command line's own parser (options and
+  values as written; those needing a real SDXL checkpoint cannot run here), and each ``--help``
+  line runs;
+- the test command is the one ``.ci/run`` runs; ``python -m bench.NAME`` / ``tools.NAME`` lines
+  name modules that answer ``--help``; install lines name files the pack has;
+- the supported hosts named in the README are those ``.ci/run`` tests and ``pyproject.toml``
+  declares.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from devkit import PACK_ROOT
+from devkit.host import COMFYUI_PATH
+
+README = (PACK_ROOT / "README.md").read_text()
+CI_SCRIPT = (PACK_ROOT / ".ci" / "run").read_text()
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's bash blocks, continuation lines joined, ``VAR=value`` kept."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split(" #", 1)[0].strip()
+            if command and not command.startswith("#"):
+                commands.extend(part.strip() for part in command.split("&&"))
+    return commands
+
+
+COMMANDS = readme_commands()
+CLI_COMMANDS = [c for c in COMMANDS if "python cli.py" in c]
+DEMO = next(c for c in CLI_COMMANDS if c.startswith("python cli.py train --tiny"))
+
+
+def split_cli(command: str) -> list[str]:
+    words = shlex.split(command)
+    return words[words.index("cli.py") + 1:]
+
+
+def run_in_pack_folder(arguments: list[str], environment: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *arguments], cwd=PACK_ROOT, env={**os.environ, **environment},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_command_is_of_a_kind_this_test_checks():
+    kinds = ("python cli.py", "python3 -m pytest", "python -m bench.", "python -m tools.", "pip install", "cd ",
+             "git clone", "bash .ci/run", "python3 -m venv", "tar -xzf ")
+    unchecked = [c for c in COMMANDS if not any(kind in c for kind in kinds)]
+    assert unchecked == [], "add a check for these README commands"
+
+
+def test_the_demo_runs_as_written_and_says_where_its_files_went(host, tmp_path):
+    assert DEMO == "python cli.py train --tiny", "the README's demo needs no file from the user"
+    result = run_in_pack_folder(["cli.py", *split_cli(DEMO)],
+                                {"COMFYUI_PATH": str(COMFYUI_PATH), "BLORA_OUTPUT_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lora = next(line.removeprefix("lora: ") for line in result.stdout.splitlines() if line.startswith("lora: "))
+    assert lora == str(tmp_path / "loras" / "b-lora" / "blora_sample_cup.safetensors")
+    assert os.path.isfile(lora) and "bundled sample image" in result.stdout
+
+
+@pytest.mark.parametrize("command", CLI_COMMANDS)
+def test_every_cli_command_parses_as_written(command):
+    from blora_pack.command_line.main import parser
+
+    arguments = split_cli(command)
+    if "--help" in arguments:
+        result = run_in_pack_folder(["cli.py", *arguments], {})
+        assert result.returncode == 0 and "usage: cli.py" in result.stdout, result.stderr[-2000:]
+        return
+    parsed = parser().parse_args(arguments)
+    assert parsed.command == arguments[0]
+
+
+def test_the_readme_shows_the_help_of_every_command():
+    from blora_pack.command_line.main import parser
+
+    commands = parser()._subparsers._group_actions[0].choices
+    shown = {split_cli(c)[0] for c in CLI_COMMANDS if "--help" in c and len(split_cli(c)) == 2}
+    assert shown == set(commands)
+
+
+def test_the_test_command_is_what_ci_runs():
+    assert "python3 -m pytest -q" in COMMANDS
+    assert '-m pytest -q' in CI_SCRIPT
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if " -m bench." in c or " -m tools." in c])
+def test_benchmark_and_tool_commands_name_real_modules(command):
+    module = shlex.split(command)[shlex.split(command).index("-m") + 1]
+    result = run_in_pack_folder(["-m", module, "--help"], {}, timeout=120)
+    assert result.returncode == 0 and "usage" in result.stdout, result.stderr[-2000:]
+
+
+def test_install_commands_name_files_that_exist():
+    installs = [c for c in COMMANDS if "pip install -r" in c]
+    assert installs
+    for command in installs:
+        for requirements in re.findall(r"-r (\S+)", command):
+            if "ComfyUI-" not in requirements:  # a host's own, unpacked by the command before it
+                assert (PACK_ROOT / requirements.split("/")[-1]).is_file(), requirements
+    for command in (c for c in COMMANDS if c.startswith("tar -xzf ")):
+        tarball = shlex.split(command)[2]
+        assert (PACK_ROOT / tarball).is_file() and tarball.rsplit("/", 1)[-1] in CI_SCRIPT.replace("$version", "0.33.0")
+
+
+def test_supported_hosts_agree_everywhere():
+    minimum = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
+    tested = re.search(r"HOST_VERSIONS=\(([^)]*)\)", CI_SCRIPT).group(1).split()
+    assert minimum == ">=" + min(tested, key=lambda v: tuple(map(int, v.split("."))))
+    for version in tested:
+        assert f"ComfyUI {version}" in README, f"the README names the tested host {version}"
