@@ -10,7 +10,8 @@ peak memory beyond the fp16 UNet and the speed-up over the reference:
 - variants of the pack, each changing one choice to show what it bought: ``pack-bf16`` (bf16, no
   scaler), ``pack-unfused-adamw``, ``pack-down-path-backward`` (the noisy latent requires grad, so
   autograd no longer stops at ``output_blocks.0.1``), ``pack-basic-attention`` (ComfyUI's plain
-  softmax attention instead of SDPA), and with ``--compile`` ``pack-compiled`` (the UNet under
+  softmax attention instead of SDPA), ``pack-8gb`` (the node's ``memory`` = ``8 GB``: gradient
+  checkpointing of the backward path), and with ``--compile`` ``pack-compiled`` (the UNet under
   torch.compile);
 - ``reference``: the official settings in diffusers + peft (fp16 autocast + GradScaler, gradient
   checkpointing, AdamW, DDPMScheduler), latents encoded once as the pack does;
@@ -153,6 +154,8 @@ class PackVariant:
     backward_through_down_path: bool = False
     attention: str = "sdpa"
     compiled: bool = False
+    memory: str = "fastest"
+    """The node's memory setting (training.memory): "8 GB" checkpoints the backward path."""
 
 
 PACK_VARIANTS = {
@@ -162,6 +165,7 @@ PACK_VARIANTS = {
     "pack-down-path-backward": PackVariant(backward_through_down_path=True),
     "pack-basic-attention": PackVariant(attention="basic"),
     "pack-compiled": PackVariant(compiled=True),
+    "pack-8gb": PackVariant(memory="8 GB"),
 }
 
 
@@ -208,7 +212,9 @@ def pack_runner(setup: Setup, host, model, variant: PackVariant):
 
     def run(n):
         with contextlib.ExitStack() as stack:
-            clone, device = stack.enter_context(host_training.training_model(model, adapters, dict(adapters.items())))
+            checkpointed = host.pack("training.memory").CHECKPOINTED[variant.memory]
+            clone, device = stack.enter_context(host_training.training_model(model, adapters, dict(adapters.items()),
+                                                                             checkpoint_backward_path=checkpointed))
             stack.enter_context(attention_function(variant.attention))
             stack.enter_context(adam_fused(trainer, variant.fused_adam))
             unet_predict = host_training.unet_predict(clone, conditionings, device)

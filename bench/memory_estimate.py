@@ -1,10 +1,13 @@
-"""GPU memory estimate of one B-LoRA training step at 1024 x 1024, made without a GPU.
+"""GPU memory of one training step at 1024 x 1024, made without a GPU, for each trainer (B-LoRA,
+UnZipLoRA) and memory setting (``fastest``, ``8 GB``).
 
-Runs the pack's training forward (ComfyUI's full-size SDXL UNet, the pack's weight-wrapper LoRA
-on the B-LoRA blocks, rank 64) on PyTorch's ``meta`` device, where tensors have shapes and
-dtypes but no memory, and adds up the bytes autograd keeps for the backward pass: the memory
-that training needs beyond the fp16 UNet, besides short-lived buffers. What a GPU would do that
-the meta device does not is imitated:
+Runs the pack's training forward (ComfyUI's full-size SDXL UNet, the trainer's LoRA as the pack
+applies it, rank 64) on PyTorch's ``meta`` device, where tensors have shapes and dtypes but no
+memory, and adds up the whole peak: the resident fp16 weights, the bytes autograd keeps for
+backward (with gradient checkpointing: each checkpointed layer's inputs, plus the largest layer
+while it is recomputed), and the LoRA with its gradients and AdamW moments. Short-lived buffers
+and the CUDA context are not counted. What a GPU would do that the meta device does not is
+imitated:
 
 - fp16 autocast: matrix products and convolutions take fp16 inputs, norms and the loss fp32
   (autocast's own lists), so saved tensors have the dtypes they would have on the GPU;
@@ -13,11 +16,15 @@ the meta device does not is imitated:
 
 It is an estimate; ``bench/gpu_train_step.py`` measures the peak on a GPU.
 
-    python -m bench.memory_estimate
+    python -m bench.memory_estimate [--json records.json]
 """
 
 from __future__ import annotations
 
+
+import argparse
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,37 +84,90 @@ def saved_for_backward(run) -> int:
     return sum(storages.values())
 
 
-def main() -> None:
-    setup = gpu_train_step.Setup(torch.device("cpu"), "full")  # sizes only: the tensors go to "meta"
-    host = bench_host.start_found_host()
-    import comfy.ldm.modules.attention as attention
-    import comfy.supported_models
+class CheckpointCount:
+    """What non-reentrant gradient checkpointing keeps, counted on the meta device: the inputs of
+    each checkpointed layer (the recomputation holds them), nothing the layer's own ops save, and
+    in backward the largest single layer's saved tensors while it is recomputed."""
+
+    def __init__(self):
+        self.inputs: dict[int, int] = {}
+        self.largest_layer = 0
+
+    def wrap(self, layer):
+        forward = layer.forward
+
+        def counted(*args, **kwargs):
+            for value in [*args, *kwargs.values()]:
+                if isinstance(value, torch.Tensor):
+                    self.inputs[value.untyped_storage()._cdata] = value.untyped_storage().nbytes()
+            inner: dict[int, int] = {}
+
+            def discard(tensor):
+                inner[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+                return None
+
+            with torch.autograd.graph.saved_tensors_hooks(discard, lambda _: None):
+                out = forward(*args, **kwargs)
+            self.largest_layer = max(self.largest_layer, sum(inner.values()))
+            return out
+
+        layer.forward = counted
+
+
+def build_trainer(host, trainer: str, unet, setup):
+    """The trainer's LoRA on the meta UNet, as the pack applies it; returns (trainable, trained paths)."""
     import comfy.utils
 
     recipes = host.pack("training.recipes")
-    adapter_set = host.pack("training.lora_adapters")
+    weights = dict(unet.named_parameters())
+    paths = [name[:-len(".weight")] for name in weights if name.endswith(".weight")]
+    recipe = recipes.B_LORA if trainer == "b-lora" else recipes.UNZIPLORA
+    shapes = {path: tuple(weights[f"{path}.weight"].shape) for path in recipe.targets(paths)}
+    if trainer == "b-lora":
+        adapters = host.pack("training.lora_adapters").LoraAdapterSet(shapes, gpu_train_step.RANK, None).to("meta")
+        for path, adapter in adapters.items():
+            adapter.delta = (lambda a: lambda: fp32_product(a.up, a.down))(adapter)
+            comfy.utils.get_attr(unet, path).weight_function = [adapter]
+        return adapters, list(shapes)
+    unziplora = host.pack("training.unziplora")
+    settings = unziplora.UnZipConfig()
+    layers = {path: layer.to("meta") for path, layer in unziplora.make_layers(shapes, gpu_train_step.RANK, settings, 0).items()}
+    contexts = {role: torch.empty(1, 77, setup.context_dim, device="meta", dtype=torch.float16) for role in unziplora.ROLES}
+    for path, wrap in unziplora.module_wrappers(layers, contexts, settings).items():
+        comfy.utils.set_attr(unet, path, wrap(comfy.utils.get_attr(unet, path)))
+    return torch.nn.ModuleList(layers.values()), list(shapes)
+
+
+AUTOCAST = MetaAutocast()
+
+
+def fp32_product(up, down):
+    AUTOCAST.enabled = False  # the pack computes LoRA products with autocast off
+    try:
+        return up @ down
+    finally:
+        AUTOCAST.enabled = True
+
+
+def estimate(host, setup, trainer: str, setting: str) -> dict:
+    """One training step's peak (GiB) for ``trainer`` under memory ``setting``, resident weights included."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.supported_models
+
+    memory = host.pack("training.memory")
+    gradient_checkpointing = host.pack("training.gradient_checkpointing")
     config = comfy.supported_models.SDXL(setup.unet_config)
     config.set_inference_dtype(torch.float16, None)
     with torch.device("meta"):
         unet = config.get_model({}, device=torch.device("meta")).diffusion_model
     unet.requires_grad_(False)
-    weights = dict(unet.named_parameters())
-    paths = [name[:-len(".weight")] for name in weights if name.endswith(".weight")]
-    shapes = {path: tuple(weights[f"{path}.weight"].shape) for path in recipes.B_LORA.targets(paths)}
-    adapters = adapter_set.LoraAdapterSet(shapes, gpu_train_step.RANK, None).to("meta")
-    autocast = MetaAutocast()
-
-    def fp32_delta(adapter):
-        autocast.enabled = False  # the pack computes the LoRA product with autocast off
-        try:
-            return adapter.up @ adapter.down
-        finally:
-            autocast.enabled = True
-
-    for path, adapter in adapters.items():
-        adapter.delta = (lambda a: lambda: fp32_delta(a))(adapter)
-        comfy.utils.get_attr(unet, path).weight_function = [adapter]
+    resident = sum(p.numel() * p.element_size() for p in unet.parameters())
+    trainable, trained = build_trainer(host, trainer, unet, setup)
     attention.optimized_attention = attention.optimized_attention_masked = flash_like_attention
+    count = CheckpointCount()
+    if memory.CHECKPOINTED[setting]:
+        for layer in gradient_checkpointing.backward_path_layers(unet, trained):
+            count.wrap(layer)
 
     latent = torch.empty(1, 4, setup.latent, setup.latent, device="meta")
     context = torch.empty(1, 77, setup.context_dim, device="meta", dtype=torch.float16)
@@ -115,18 +175,43 @@ def main() -> None:
     timesteps = torch.full((1,), 500.0, device="meta")
 
     def forward():
-        with autocast:
+        with AUTOCAST:
             prediction = unet(latent.half(), timesteps=timesteps, context=context, y=y)
             F.mse_loss(prediction, latent)
 
-    saved = saved_for_backward(forward)
-    lora = sum(p.numel() for p in adapters.parameters()) * 4
-    unet_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
-    gb = 2**30
-    print(f"SDXL UNet fp16 weights: {unet_bytes / gb:.2f} GB; B-LoRA rank {gpu_train_step.RANK}: {len(shapes)} layers")
-    print(f"saved for backward: {saved / gb:.2f} GB")
-    print(f"LoRA fp32 + gradients + AdamW moments: {4 * lora / gb:.2f} GB")
-    print(f"estimate beyond the UNet, before short-lived buffers: {(saved + 4 * lora) / gb:.2f} GB (goal < 12 GB)")
+    saved = saved_for_backward(forward) + sum(count.inputs.values()) + count.largest_layer
+    optimizer_state = 4 * sum(p.numel() for p in trainable.parameters()) * 4  # fp32 weights, grads, 2 moments
+    gib = 2**30
+    return {"trainer": trainer, "memory": setting, "resolution": setup.latent * 8,
+            "peak_gib": round((resident + saved + optimizer_state) / gib, 2),
+            "resident_weights_gib": round(resident / gib, 2),
+            "saved_for_backward_gib": round(saved / gib, 2), "lora_and_optimizer_gib": round(optimizer_state / gib, 2),
+            "trained_layers": len(trained)}
+
+
+GOALS_GIB = {("b-lora", "8 GB"): 7.0, ("b-lora", "fastest"): 12.0, ("unziplora", "8 GB"): 11.0}
+"""The issue's goals: B-LoRA "8 GB" <= 7.0 GiB, "fastest" <= 12 GiB; UnZipLoRA's smallest <= 11 GiB."""
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write one record per trainer and setting here")
+    args = parser.parse_args(argv)
+    setup = gpu_train_step.Setup(torch.device("cpu"), "full")  # sizes only: the tensors go to "meta"
+    host = bench_host.start_found_host()
+    memory = host.pack("training.memory")
+    records = [estimate(host, setup, trainer, setting)
+               for trainer in memory.PEAK_GIB for setting in memory.CHECKPOINTED]
+    print("| trainer | memory | peak at 1024 px (GiB) | resident fp16 UNet | saved for backward | LoRA + AdamW | goal |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        goal = GOALS_GIB.get((r["trainer"], r["memory"]))
+        print(f"| {r['trainer']} ({r['trained_layers']} layers) | {r['memory']} | {r['peak_gib']:.2f} | "
+              f"{r['resident_weights_gib']:.2f} | {r['saved_for_backward_gib']:.2f} | {r['lora_and_optimizer_gib']:.2f} | "
+              + (f"<= {goal} {'met' if r['peak_gib'] <= goal else 'MISSED'}" if goal else "") + " |")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return records
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..training.memory import SETTINGS as MEMORY_SETTINGS
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
 from . import sample_image
 from .runner import CommandLineError, node_definitions, run_prompt
@@ -150,7 +151,7 @@ def command_train(args) -> None:
                        learning_rate=args.learning_rate or recipe.learning_rate, rank=args.rank or recipe.rank,
                        seed=args.seed, lora_name=name,
                        precision=args.precision, recipe=recipe.name, prompt=args.prompt,
-                       export_diffusers=args.export_diffusers)
+                       export_diffusers=args.export_diffusers, memory=args.memory)
     session.run()
     session.print_lora_files(name)
 
@@ -193,7 +194,7 @@ def command_unzip(args) -> None:
                            style_learning_rate=5e-5, merger_learning_rate=5e-3, rank=args.rank,
                            sample_times=3, column_ratio=0.1, seed=args.seed,
                            lora_name=name, precision=args.precision,
-                           prompt=args.prompt)
+                           prompt=args.prompt, memory=args.memory)
     else:
         merged = session.graph.node("UnZipColumnMaskMerge", model=session.checkpoint.out(0),
                                     content_lora=existing_lora(args.content), style_lora=existing_lora(args.style),
@@ -250,6 +251,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     common.add_argument("--output-dir", help="where images (and, with --tiny, LoRAs) go; $BLORA_OUTPUT_DIR wins")
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--memory", choices=MEMORY_SETTINGS, default=MEMORY_SETTINGS[0],
+                        help="training memory: auto (the fastest that fits the free VRAM), fastest, or 8 GB "
+                             "(gradient checkpointing, for 1024 px on an 8 GB card)")
     common.add_argument("--size", type=int, default=1024, help="sample size in pixels")
     common.add_argument("--sample-steps", type=int, default=30)
     common.add_argument("--cfg", type=float, default=5.0)

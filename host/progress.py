@@ -21,8 +21,10 @@ def _server():
 
 
 class TrainingProgress:
-    def __init__(self, label: str, total: int, node_id: str | None, start: int = 0):
+    def __init__(self, label: str, total: int, node_id: str | None, start: int = 0, note: str = ""):
+        """``note``: shown after each step's figures in the status text (e.g. the memory setting)."""
         self.total = total
+        self.note = f" · {note}" if note else ""
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.bar.update_absolute(start, total)
@@ -48,7 +50,8 @@ class TrainingProgress:
             server.send_sync(EVENT, payload, server.client_id)
             if self.node_id is not None:
                 server.send_progress_text(
-                    f"step {step}/{total} · {payload['it_per_s']:.2f} it/s · loss {loss:.4f} · {remaining:.0f} s left",
+                    f"step {step}/{total} · {payload['it_per_s']:.2f} it/s · loss {loss:.4f} · {remaining:.0f} s left"
+                    + self.note,
                     self.node_id,
                 )
         except Exception as error:  # the UI is a convenience; training must not stop for it

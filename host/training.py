@@ -18,6 +18,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.utils
 
+from ..training import gradient_checkpointing
 from ..training.diffusion import alphas_cumprod_from_sigmas
 from . import compat
 
@@ -109,6 +110,17 @@ def base_weights_sha256(model, paths) -> str:
     return digest.hexdigest()
 
 
+def free_vram_gib() -> float | None:
+    """VRAM training could use at start: free memory plus what models loaded now would release
+    when unloaded (the host unloads them to make room). None on a CPU."""
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cpu":
+        return None
+    loaded = sum(m.model_loaded_memory() for m in comfy.model_management.current_loaded_models
+                 if getattr(m, "device", device) == device)
+    return (comfy.model_management.get_free_memory(device) + loaded) / 2**30
+
+
 def _thaw_inference_tensors(module: torch.nn.Module) -> int:
     """Autograd cannot save inference tensors (the host loads models under inference mode);
     swap each such parameter for an ordinary tensor with the same values, one at a time."""
@@ -129,14 +141,16 @@ def _unload(model_patcher) -> None:
 
 @contextlib.contextmanager
 def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | None = None,
-                   module_wrappers: dict | None = None):
+                   module_wrappers: dict | None = None, checkpoint_backward_path: bool = False):
     """A clone of ``model`` (of the host's non-dynamic delegate under dynamic VRAM, see
     ``compat.trainable_patcher``) loaded for training ``trainable``.
 
     ``weight_wrappers`` maps module paths to functions of the weight (``W -> W + delta``), added
     with ``ModelPatcher.add_weight_wrapper``; ``module_wrappers`` maps module paths to functions
     that wrap the module itself (e.g. a LoRA on another input), added as object patches. The
-    host applies both to the shared module only while the clone is loaded. Yields
+    host applies both to the shared module only while the clone is loaded. With
+    ``checkpoint_backward_path`` every layer backward traverses recomputes its activations in
+    backward (the ``8 GB`` memory setting). Yields
     ``(clone, device)``; on exit, success or not, the clone is unloaded (weights and modules
     restored by the host), the wrappers are taken off and every grad flag is restored.
     """
@@ -159,7 +173,10 @@ def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | No
             logging.debug("B-LoRA training: %d frozen weights made autograd-ready", thawed)
             unet.requires_grad_(False)  # gradients for the trained parameters only; backward stops early
             trainable.requires_grad_(True)
-            yield clone, device
+            trained = [*weight_wrappers, *(module_wrappers or {})]
+            layers = gradient_checkpointing.backward_path_layers(unet, trained) if checkpoint_backward_path else []
+            with gradient_checkpointing.checkpointed(layers):
+                yield clone, device
     finally:
         _unload(clone)
         for path, wrapper in weight_wrappers.items():

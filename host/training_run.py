@@ -1,10 +1,18 @@
-"""What every training node shares: resume, checkpoints on schedule / Cancel / error, progress,
-the training clone, and the run itself. Each node brings its trainable module and method."""
+"""What both training nodes share, so that a node states only what differs:
+
+- ``prepare``: the path guard, the SDXL check, latents and conditionings, the target shapes, the
+  training config, the base-weight hash and the files' metadata;
+- ``TrainingRun``: resume, checkpoints on schedule / Cancel / error, the memory setting,
+  progress, the training clone, and the run itself (each node brings its trainable module and
+  method);
+- ``finish``: the atomic saves, checkpoint removal and the node's output.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,9 +20,15 @@ from typing import Callable
 import torch
 
 import comfy.model_management
+import folder_paths
+from comfy_api.latest import io, ui
 
+from ..core import files, loss_plot, sdxl_unet
 from ..training import checkpoint
+from ..training import memory as memory_settings
+from ..training.recipes import Recipe
 from ..training.trainer import TrainConfig, TrainingHooks, TrainingMethod, TrainingState, train
+from . import model as host_model
 from . import progress
 from . import training as host_training
 
@@ -22,14 +36,70 @@ PACK_VERSION = "0.1.0"
 
 
 @dataclass
-class TrainingRun:
-    model: object
+class Prepared:
+    """A training node's inputs checked and turned into what the trainer needs."""
+
+    loras_root: Path
+    final_path: Path
     samples: torch.Tensor
     conditionings: list
-    trainable: torch.nn.Module
+    shapes: dict[str, tuple[int, int]]
     config: TrainConfig
-    final_path: Path
+    base_sha256: str
+
+    def metadata(self, method: str, recipe: str, rank: int, alpha: float, prompt: str) -> dict[str, str]:
+        blocks = sorted({sdxl_unet.block_of(path) for path in self.shapes})
+        return file_metadata(method, recipe, blocks, rank, alpha, self.config.steps, self.config.learning_rate,
+                             self.config.seed, self.config.precision, prompt, self.base_sha256)
+
+    def beside(self, suffix: str) -> Path:
+        """``<lora_name><suffix>.safetensors`` beside the final file."""
+        return self.final_path.with_name(f"{self.final_path.stem}{suffix}.safetensors")
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.loras_root).as_posix()
+
+
+def prepare(model, latents, positive, node_name: str, lora_name: str, recipe: Recipe, steps: int,
+            learning_rate: float, seed: int, precision: str, checkpoint_every: int) -> Prepared:
+    """Everything is checked before any work: a bad name, model, latent or prompt fails at once."""
+    loras_root = Path(folder_paths.get_folder_paths(host_model.LORAS_FOLDER)[0])
+    final_path = files.path_inside(loras_root, lora_name)
+    host_model.require_sdxl(model, node_name)
+    samples = host_training.training_latents(model, latents)
+    conditionings = host_training.conditioning_per_image(model, positive, samples.shape[0])
+    shapes = host_training.target_shapes(model, recipe)
+    config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed,
+                         precision=precision_for(comfy.model_management.get_torch_device(), precision),
+                         checkpoint_every=checkpoint_every, prediction=host_training.prediction_type(model),
+                         weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
+                         batch_size=min(recipe.batch_size, samples.shape[0]))
+    return Prepared(loras_root, final_path, samples, conditionings, shapes, config,
+                    host_training.base_weights_sha256(model, shapes))
+
+
+def finish(run: "TrainingRun", state: TrainingState, outputs: dict[Path, tuple[dict, dict]], patched,
+           named: list[Path]) -> io.NodeOutput:
+    """Save every ``path: (state_dict, metadata)`` atomically, remove the checkpoint, and return
+    ``(patched model, *names of the files in named, loss curve, losses)`` with a status line."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for path, (state_dict, metadata) in outputs.items():
+        stamp = {"blora.created": created} if "blora.method" in metadata else {}  # an official-format export has none
+        files.save_safetensors_atomic(state_dict, path, {**metadata, **stamp})
+    run.remove_checkpoint()
+    names = [run.prepared.relative(path) for path in named]
+    text = f"saved {' and '.join(names)} ({state.step} steps, last loss {state.losses[-1]:.4f})"
+    return io.NodeOutput(patched, *names, loss_plot.loss_curve_image(state.losses), {"loss": state.losses},
+                         ui=ui.PreviewText(text))
+
+
+@dataclass
+class TrainingRun:
+    model: object
+    prepared: Prepared
+    trainable: torch.nn.Module
     fingerprint: dict[str, str]
+    """What a resume must match (the base-weight hash and the config's numbers are added)."""
     checkpoint_files: dict[Path, Callable[[], tuple[dict, dict]]]
     """The LoRA files a checkpoint writes for users: path -> what builds its ``(state_dict, metadata)``."""
     method: TrainingMethod | None = None
@@ -37,15 +107,28 @@ class TrainingRun:
     """Every N steps, a quick sample from the LoRA being trained is shown on the node (0: never)."""
     weight_wrappers: dict = field(default_factory=dict)
     module_wrappers: dict = field(default_factory=dict)
+    trainer: str = "b-lora"
+    """Which memory table applies (``training.memory.PEAK_GIB``): "b-lora" or "unziplora"."""
+    memory: str = memory_settings.AUTO
 
     @property
     def sidecar(self) -> Path:
-        return checkpoint.trainstate_path(self.final_path)
+        return checkpoint.trainstate_path(self.prepared.final_path)
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.prepared.config
+
+    def full_fingerprint(self) -> dict[str, str]:
+        config = self.config
+        return {**self.fingerprint, "base_model_sha256": self.prepared.base_sha256,
+                "images": str(self.prepared.samples.shape[0]), "batch_size": str(config.batch_size),
+                "weight_decay": str(config.weight_decay), "max_grad_norm": str(config.max_grad_norm)}
 
     def run(self, node_id: str | None, resume: bool, label: str) -> TrainingState:
         resume_state = None
         if resume:
-            trainable_state, resume_state = checkpoint.load_checkpoint(self.sidecar, self.fingerprint)
+            trainable_state, resume_state = checkpoint.load_checkpoint(self.sidecar, self.full_fingerprint())
             self.trainable.load_state_dict(trainable_state)
             if resume_state.step >= self.config.steps:
                 raise ValueError(f"The checkpoint is already at step {resume_state.step}; raise steps above it "
@@ -53,26 +136,30 @@ class TrainingRun:
 
         def save_checkpoint(state: TrainingState) -> None:
             lora_files = {path: build() for path, build in self.checkpoint_files.items()}
-            checkpoint.save_checkpoint(self.trainable, state, self.sidecar, self.fingerprint, lora_files)
-            logging.info("Training: checkpoint at step %d saved beside %s", state.step, self.final_path)
+            checkpoint.save_checkpoint(self.trainable, state, self.sidecar, self.full_fingerprint(), lora_files)
+            logging.info("Training: checkpoint at step %d saved beside %s", state.step, self.prepared.final_path)
 
-        reporter = progress.TrainingProgress(label, self.config.steps, node_id, start=resume_state.step if resume_state else 0)
-        with host_training.training_model(self.model, self.trainable, self.weight_wrappers,
-                                          self.module_wrappers) as (clone, device):
-            predict = host_training.unet_predict(clone, self.conditionings, device)
+        setting, why = memory_settings.resolve(self.memory, self.trainer, host_training.free_vram_gib(),
+                                               self.prepared.samples.shape[-1] * self.prepared.samples.shape[-2] * 64)
+        logging.info("%s: %s", label, why)
+        reporter = progress.TrainingProgress(label, self.config.steps, node_id, start=resume_state.step if resume_state else 0,
+                                             note=f"memory {setting}")
+        with host_training.training_model(self.model, self.trainable, self.weight_wrappers, self.module_wrappers,
+                                          memory_settings.CHECKPOINTED[setting]) as (clone, device):
+            predict = host_training.unet_predict(clone, self.prepared.conditionings, device)
             schedule = host_training.noise_schedule(clone).to(device)
 
             def on_step(step, total, loss, seconds):
                 preview = None
                 if self.preview_every and (step % self.preview_every == 0 or step == total):
-                    preview = host_training.preview_image(clone, predict, self.samples[:1].shape, schedule,
+                    preview = host_training.preview_image(clone, predict, self.prepared.samples[:1].shape, schedule,
                                                           self.config, device)
                 reporter.on_step(step, total, loss, seconds, preview)
 
             hooks = TrainingHooks(on_step=on_step,
                                   check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                                   save_checkpoint=save_checkpoint)
-            return train(self.trainable, predict, self.samples.to(device), schedule, self.config, hooks,
+            return train(self.trainable, predict, self.prepared.samples.to(device), schedule, self.config, hooks,
                          resume_state, self.method)
 
     def remove_checkpoint(self) -> None:

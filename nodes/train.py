@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import torch
 
-import folder_paths
-import comfy.model_management
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
-from ..core import files, lora_format, loss_plot, sdxl_unet
+from ..core import lora_format
 from ..training import checkpoint, recipes
+from ..training import memory as memory_settings
 from ..training.lora_adapters import LoraAdapterSet
-from ..training.trainer import PRECISIONS, TrainConfig
-from ..host import model as host_model, training as host_training
-from ..host.training_run import TrainingRun, file_metadata, precision_for
+from ..training.trainer import PRECISIONS
+from ..host import model as host_model
+from ..host.training_run import TrainingRun, finish, prepare
 
 CATEGORY = "B-LoRA"
 
@@ -38,9 +34,11 @@ class TrainBLoRA(io.ComfyNode):
                 io.Latent.Input("latents", tooltip="One or more images encoded with VAE Encode (about 1024 px)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, e.g. 'A [v]'; one for all images or one per image."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training steps (paper: 1000)."),
-                io.Float.Input("learning_rate", default=5e-5, min=1e-7, max=1e-2, step=1e-6, round=False,
-                               tooltip="AdamW learning rate, constant (paper: 5e-5)."),
-                io.Int.Input("rank", default=64, min=1, max=256, tooltip="LoRA rank (paper: 64)."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1e-2, step=1e-6, round=False,
+                               tooltip="AdamW learning rate, constant (paper: 5e-5). 0: the recipe's (B-LoRA 5e-5, "
+                                       "style LoRA 1e-5)."),
+                io.Int.Input("rank", default=0, min=0, max=256,
+                             tooltip="LoRA rank (paper: 64). 0: the recipe's (B-LoRA 64, style LoRA 8)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seeds the LoRA init, timesteps and noise."),
                 io.String.Input("lora_name", default="b-lora/my_image",
@@ -65,6 +63,12 @@ class TrainBLoRA(io.ComfyNode):
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Every N steps, show a quick sample of the LoRA being trained on this node "
                                      "(0: off). Costs a few UNet passes each time."),
+                io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO,
+                               optional=True,
+                               tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
+                                       "which). fastest: everything kept for backward. 8 GB: gradient checkpointing of "
+                                       "the layers backward runs through (recomputed, about one more partial forward "
+                                       "per step), for 1024 px on an 8 GB card."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -80,61 +84,37 @@ class TrainBLoRA(io.ComfyNode):
     def execute(cls, model, latents, positive, steps: int, learning_rate: float, rank: int, seed: int,
                 lora_name: str, precision: str, checkpoint_every: int = 250, resume: bool = False,
                 recipe: str = recipes.B_LORA.name, alpha: float = 0.0, prompt: str = "A [v]",
-                export_diffusers: bool = False, preview_every: int = 0) -> io.NodeOutput:
-        # The executor runs nodes under inference mode; tensors made there cannot take part in
-        # autograd, so everything the training touches is made outside it.
-        with torch.inference_mode(False):
-            return cls._train(model, latents, positive, steps, learning_rate, rank, seed, lora_name, precision,
-                              checkpoint_every, resume, recipe, alpha, prompt, export_diffusers, preview_every)
-
-    @classmethod
-    def _train(cls, model, latents, positive, steps, learning_rate, rank, seed, lora_name, precision,
-               checkpoint_every, resume, recipe, alpha, prompt, export_diffusers, preview_every) -> io.NodeOutput:
-        loras_root = Path(folder_paths.get_folder_paths(host_model.LORAS_FOLDER)[0])
-        final_path = files.path_inside(loras_root, lora_name)
-        host_model.require_sdxl(model, "Train B-LoRA")
+                export_diffusers: bool = False, preview_every: int = 0,
+                memory: str = memory_settings.AUTO) -> io.NodeOutput:
         if recipe not in recipes.RECIPES:
             raise ValueError(f"Unknown recipe {recipe!r}; choose one of {list(recipes.RECIPES)}.")
         chosen = recipes.RECIPES[recipe]
-        lora_alpha = alpha if alpha > 0 else chosen.alpha
-        samples = host_training.training_latents(model, latents)
-        conditionings = host_training.conditioning_per_image(model, positive, samples.shape[0])
-        shapes = host_training.target_shapes(model, chosen)
-        adapters = LoraAdapterSet(shapes, rank, lora_alpha)
-        adapters.reset(seed)
-        device = comfy.model_management.get_torch_device()
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed,
-                             precision=precision_for(device, precision), checkpoint_every=checkpoint_every,
-                             prediction=host_training.prediction_type(model))
-        blocks = sorted({sdxl_unet.block_of(p) for p in shapes})
-        alpha_value = float(rank if lora_alpha is None else lora_alpha)
-        metadata = file_metadata("B-LoRA" if chosen is recipes.B_LORA else "LoRA", chosen.name, blocks, rank,
-                                 alpha_value, steps, learning_rate, seed, config.precision, prompt,
-                                 host_training.base_weights_sha256(model, shapes))
-        fingerprint = {"recipe": chosen.name, "rank": str(rank), "alpha": str(lora_alpha), "seed": str(seed),
-                       "images": str(samples.shape[0]), "base_model_sha256": metadata["blora.base_model_sha256"]}
-        checkpoint_file = checkpoint.checkpoint_path(final_path)
+        rank, learning_rate, alpha = chosen.settings(rank, learning_rate, alpha)
+        # The executor runs nodes under inference mode; tensors made there cannot take part in
+        # autograd, so everything the training touches is made outside it.
+        with torch.inference_mode(False):
+            prepared = prepare(model, latents, positive, "Train B-LoRA", lora_name, chosen, steps, learning_rate, seed,
+                               precision, checkpoint_every)
+            adapters = LoraAdapterSet(prepared.shapes, rank, alpha)
+            adapters.reset(seed)
+            metadata = prepared.metadata("B-LoRA" if chosen is recipes.B_LORA else "LoRA", chosen.name, rank, alpha,
+                                         prompt)
 
-        def checkpoint_lora():
-            return lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata
+            def lora_file():
+                return lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata
 
-        run = TrainingRun(model, samples, conditionings, adapters, config, final_path, fingerprint,
-                          {checkpoint_file: checkpoint_lora},
-                          weight_wrappers=dict(adapters.items()), preview_every=preview_every)
-        state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train B-LoRA")
-        trained = adapters.to_lora_weights({**metadata, "blora.created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        saved = _save_outputs(trained, final_path, export_diffusers)
-        run.remove_checkpoint()
-        relative = saved.relative_to(loras_root).as_posix()
-        patched = host_model.patched_clone(model, trained, 1.0)
-        return io.NodeOutput(patched, relative, loss_plot.loss_curve_image(state.losses), {"loss": state.losses},
-                             ui=ui.PreviewText(f"saved {relative} ({state.step} steps, last loss {state.losses[-1]:.4f})"))
+            run = TrainingRun(model, prepared, adapters,
+                              {"recipe": chosen.name, "rank": str(rank), "alpha": f"{alpha:g}", "seed": str(seed)},
+                              {checkpoint.checkpoint_path(prepared.final_path): lora_file},
+                              weight_wrappers=dict(adapters.items()), preview_every=preview_every,
+                              trainer="b-lora", memory=memory)
+            state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train B-LoRA")
+            trained = adapters.to_lora_weights(metadata)
+            outputs = {prepared.final_path: lora_file()}
+            if export_diffusers:
+                outputs[prepared.final_path.with_name(prepared.final_path.stem + "_diffusers")
+                        / "pytorch_lora_weights.safetensors"] = (lora_format.to_official_state_dict(trained),
+                                                                 {"format": "pt"})
+            return finish(run, state, outputs, host_model.patched_clone(model, trained, 1.0), [prepared.final_path])
 
 
-def _save_outputs(trained, final_path: Path, export_diffusers: bool) -> Path:
-    files.save_safetensors_atomic(lora_format.to_kohya_state_dict(trained), final_path, trained.metadata)
-    if export_diffusers:
-        folder = final_path.with_name(final_path.stem + "_diffusers")
-        files.save_safetensors_atomic(lora_format.to_official_state_dict(trained),
-                                      folder / "pytorch_lora_weights.safetensors", {"format": "pt"})
-    return final_path

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import functools
-import time
-from pathlib import Path
 
 import torch
 
-import comfy.model_management
-import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
-from ..core import column_masks, files, lora_format, loss_plot, sdxl_unet
+from ..core import column_masks, lora_format
 from ..core.lora_format import LoraLayer, LoraWeights
-from ..training import checkpoint, recipes, unziplora
-from ..training.trainer import PRECISIONS, TrainConfig
+from ..training import checkpoint, recipes
+from ..training import memory as memory_settings, unziplora
+from ..training.trainer import PRECISIONS
 from ..host import model as host_model, training as host_training
-from ..host.training_run import TrainingRun, file_metadata, precision_for
+from ..host.training_run import TrainingRun, finish, prepare
 
 CATEGORY = "B-LoRA"
 
@@ -81,6 +78,12 @@ class TrainUnZipLoRA(io.ComfyNode):
                                        "gradients. The default equals the official 1e-5 at fp16 loss scale 2^16."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Every N steps, show a quick sample of the LoRAs being trained (0: off)."),
+                io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO,
+                               optional=True,
+                               tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
+                                       "which). fastest: everything kept for backward. 8 GB: gradient checkpointing of "
+                                       "the layers backward runs through (recomputed, about one more partial forward "
+                                       "per step), for 1024 px on an 8 GB card."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with both LoRAs merged (mergers applied)."),
@@ -98,68 +101,44 @@ class TrainUnZipLoRA(io.ComfyNode):
                 style_learning_rate, merger_learning_rate, rank, sample_times, column_ratio, seed, lora_name,
                 precision, checkpoint_every=200, resume=False, prompt_separation=True, column_separation=True,
                 block_separation=True, avoid_content_columns=True, overlap_weight=0.5, prompt="",
-                cone_threshold=unziplora.UNSCALED_CONE_THRESHOLD, preview_every=0) -> io.NodeOutput:
+                cone_threshold=unziplora.UNSCALED_CONE_THRESHOLD, preview_every=0,
+                memory=memory_settings.AUTO) -> io.NodeOutput:
+        settings = unziplora.UnZipConfig(
+            sample_times=sample_times, column_ratio=column_ratio, merger_learning_rate=merger_learning_rate,
+            style_learning_rate=style_learning_rate, overlap_weight=overlap_weight,
+            prompt_separation=prompt_separation, column_separation=column_separation,
+            block_separation=block_separation, avoid_content_columns=avoid_content_columns,
+            cone_threshold=cone_threshold)
         with torch.inference_mode(False):
-            settings = unziplora.UnZipConfig(
-                sample_times=sample_times, column_ratio=column_ratio, merger_learning_rate=merger_learning_rate,
-                style_learning_rate=style_learning_rate, overlap_weight=overlap_weight,
-                prompt_separation=prompt_separation, column_separation=column_separation,
-                block_separation=block_separation, avoid_content_columns=avoid_content_columns,
-                cone_threshold=cone_threshold)
-            return cls._train(model, latents, positive, content_positive, style_positive, steps,
-                              content_learning_rate, rank, seed, lora_name, precision, checkpoint_every, resume,
-                              settings, prompt, preview_every)
+            prepared = prepare(model, latents, positive, "Train UnZipLoRA", lora_name, recipes.UNZIPLORA, steps,
+                               content_learning_rate, seed, precision, checkpoint_every)
+            role_contexts = {"content": _prompt_context(model, content_positive, "content"),
+                             "style": _prompt_context(model, style_positive, "style")}
+            layers = unziplora.make_layers(prepared.shapes, rank, settings, seed)
+            method = unziplora.UnZipMethod(layers, steps, content_learning_rate, settings)
+            metadata = {role: {**prepared.metadata("UnZipLoRA", f"UnZipLoRA {role}", rank, float(rank), prompt),
+                               "unziplora.role": role} for role in unziplora.ROLES}
 
-    @classmethod
-    def _train(cls, model, latents, positive, content_positive, style_positive, steps, learning_rate, rank, seed,
-               lora_name, precision, checkpoint_every, resume, settings, prompt, preview_every) -> io.NodeOutput:
-        loras_root = Path(folder_paths.get_folder_paths(host_model.LORAS_FOLDER)[0])
-        final_path = files.path_inside(loras_root, lora_name)
-        output_paths = {role: final_path.with_name(f"{final_path.stem}_{role}.safetensors") for role in unziplora.ROLES}
-        host_model.require_sdxl(model, "Train UnZipLoRA")
-        samples = host_training.training_latents(model, latents)
-        conditionings = host_training.conditioning_per_image(model, positive, samples.shape[0])
-        role_contexts = {"content": _prompt_context(model, content_positive, "content"),
-                         "style": _prompt_context(model, style_positive, "style")}
-        shapes = host_training.target_shapes(model, recipes.ALL_ATTENTION)
-        layers = unziplora.make_layers(shapes, rank, settings, seed)
-        method = unziplora.UnZipMethod(layers, steps, learning_rate, settings)
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed,
-                             precision=precision_for(comfy.model_management.get_torch_device(), precision),
-                             checkpoint_every=checkpoint_every, prediction=host_training.prediction_type(model))
+            def lora_file(role):
+                return (lora_format.to_kohya_state_dict(_role_weights(layers, role)),
+                        _with_mergers(metadata[role], layers, role))
 
-        base_sha = host_training.base_weights_sha256(model, shapes)
-        blocks = sorted({sdxl_unet.block_of(p) for p in shapes})
-        metadata = {role: {**file_metadata("UnZipLoRA", f"UnZipLoRA {role}", blocks, rank, float(rank), steps,
-                                           learning_rate, seed, config.precision, prompt, base_sha),
-                           "unziplora.role": role} for role in unziplora.ROLES}
-        fingerprint = {"method": "UnZipLoRA", "rank": str(rank), "seed": str(seed), "settings": repr(settings),
-                       "steps": str(steps), "base_model_sha256": base_sha}
-
-        def lora_file(role):
-            return (lora_format.to_kohya_state_dict(_role_weights(layers, role)),
-                    _with_mergers(metadata[role], layers, role))
-
-        checkpoint_files = {checkpoint.checkpoint_path(final_path, f"_{role}"): functools.partial(lora_file, role)
-                            for role in unziplora.ROLES}
-        run = TrainingRun(model, samples, conditionings, method.modules, config, final_path, fingerprint,
-                          checkpoint_files, method=method,
-                          module_wrappers=unziplora.module_wrappers(layers, role_contexts, settings),
-                          preview_every=preview_every)
-        state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train UnZipLoRA")
-        method.finish()
-        created = time.strftime("%Y-%m-%dT%H:%M:%S")
-        for role, path in output_paths.items():
-            state_dict, file_meta = lora_file(role)
-            files.save_safetensors_atomic(state_dict, path, {**file_meta, "blora.created": created})
-        run.remove_checkpoint()
-        merged = model
-        for role in unziplora.ROLES:
-            weights = _role_weights(layers, role)
-            merged = host_model.patched_clone(merged, column_masks.scale_rows(weights, _mergers(layers, role)), 1.0)
-        names = [output_paths[role].relative_to(loras_root).as_posix() for role in unziplora.ROLES]
-        return io.NodeOutput(merged, *names, loss_plot.loss_curve_image(state.losses), {"loss": state.losses},
-                             ui=ui.PreviewText(f"saved {names[0]} and {names[1]} ({state.step} steps)"))
+            checkpoint_files = {checkpoint.checkpoint_path(prepared.final_path, f"_{role}"):
+                                functools.partial(lora_file, role) for role in unziplora.ROLES}
+            run = TrainingRun(model, prepared, method.modules,
+                              {"method": "UnZipLoRA", "rank": str(rank), "seed": str(seed), "settings": repr(settings),
+                               "steps": str(steps)},
+                              checkpoint_files, method=method,
+                              module_wrappers=unziplora.module_wrappers(layers, role_contexts, settings),
+                              preview_every=preview_every, trainer="unziplora", memory=memory)
+            state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train UnZipLoRA")
+            method.finish()
+            outputs = {prepared.beside(f"_{role}"): lora_file(role) for role in unziplora.ROLES}
+            merged = model
+            for role in unziplora.ROLES:
+                weights = _role_weights(layers, role)
+                merged = host_model.patched_clone(merged, column_masks.scale_rows(weights, _mergers(layers, role)), 1.0)
+            return finish(run, state, outputs, merged, list(outputs))
 
 
 def _role_weights(layers: dict, role: str) -> LoraWeights:

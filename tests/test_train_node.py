@@ -224,7 +224,7 @@ def test_resume_refuses_other_settings(host, loaded_sdxl, loras_dir, image_and_p
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(host, loaded_sdxl, image_and_prompt, steps=6, rank=4)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"different training setup \(rank: checkpoint '4', now '8'\)"):
+    with pytest.raises(ValueError, match=r"different training setup \(alpha: checkpoint '4', now '8'; rank: checkpoint '4', now '8'\)"):  # alpha = rank, resolved
         train(host, loaded_sdxl, image_and_prompt, steps=6, rank=8, resume=True)
     with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
         train(host, loaded_sdxl, image_and_prompt, steps=6, name="other", resume=True)
@@ -322,6 +322,31 @@ def test_all_attention_recipe(host, loaded_sdxl, loras_dir, image_and_prompt):
     assert len(weights.layers) == len(attention) > 32
     assert {layer.alpha for layer in weights.layers.values()} == {16.0}
     assert weights.metadata["blora.method"] == "LoRA"
+
+
+def test_a_recipe_brings_all_its_published_settings(host, loaded_sdxl, loras_dir, monkeypatch):
+    """Through the API with rank and learning rate left at 0 (the node's defaults): the style-LoRA
+    recipe trains at rank 8, alpha 16, lr 1e-5, AdamW weight decay 0.01, no clipping, 2 images a step."""
+    lora_format = host.pack("core.lora_format")
+    training_run = host.pack("host.training_run")
+    configs = []
+    real_train = training_run.train
+    monkeypatch.setattr(training_run, "train", lambda *args, **kwargs: configs.append(args[4]) or real_train(*args, **kwargs))
+    (first, positive), (second, _) = tiny_models.image_and_prompt(0), tiny_models.image_and_prompt(1)
+    latents = {"samples": torch.cat([first["samples"], second["samples"]])}
+    host.run_node(TRAIN, loaded_sdxl, latents, positive, 2, 0.0, 0, 0, "style/two", "fp32",
+                  recipe="all attention layers (style LoRA)")
+    weights = lora_format.read_lora_file(loras_dir / "style" / "two.safetensors")
+    assert {layer.down.shape[0] for layer in weights.layers.values()} == {8}
+    assert {layer.alpha for layer in weights.layers.values()} == {16.0}
+    assert weights.metadata["blora.learning_rate"] == "1e-05"
+    (config,) = configs
+    assert (config.learning_rate, config.weight_decay, config.max_grad_norm, config.batch_size) == (1e-5, 0.01, None, 2)
+    host.run_node(TRAIN, loaded_sdxl, latents, positive, 1, 0.0, 0, 0, "b-lora/defaults", "fp32")
+    assert (configs[-1].learning_rate, configs[-1].weight_decay, configs[-1].max_grad_norm, configs[-1].batch_size) == (
+        5e-5, 1e-4, 1.0, 1)
+    blora = lora_format.read_lora_file(loras_dir / "b-lora" / "defaults.safetensors")
+    assert {layer.down.shape[0] for layer in blora.layers.values()} == {64}
 
 
 @pytest.mark.parametrize("precision, recorded", [("bf16", "bf16"), ("fp16", "fp32")])

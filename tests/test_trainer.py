@@ -190,3 +190,35 @@ def test_v_prediction_target():
     target = diffusion.target(latent, noise, 500, ALPHAS_CUMPROD, "v_prediction")
     alpha_bar = ALPHAS_CUMPROD[500].float()
     torch.testing.assert_close(target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latent)
+
+
+def test_a_batch_of_two_equals_one_batched_step_with_a_mean_loss():
+    """Two images a step (the style-LoRA recipe), one UNet call each with gradients accumulated,
+    and no clipping: the update equals a hand-written batched step of diffusers' form (one
+    forward of both noisy latents, MSE over the batch, AdamW with weight decay 0.01)."""
+    adapters, latents = make_run()
+    reference = [p.detach().clone().requires_grad_(True) for p in adapters.parameters()]
+    model = ToyModel(adapters)
+    config = trainer.TrainConfig(steps=1, learning_rate=1e-2, seed=4, batch_size=2, max_grad_norm=None,
+                                 weight_decay=0.01)
+    state = trainer.train(adapters, model, latents, ALPHAS_CUMPROD, config)
+    assert model.calls == 2
+    draws = diffusion.draw_batch(4, 0, 2, latents[:1].shape, 2)
+    assert sorted(d.index for d in draws) == [0, 1] and draws[0].timestep != draws[1].timestep
+    down, up = reference
+    noisy = torch.cat([diffusion.add_noise(latents[d.index:d.index + 1], d.noise, d.timestep, ALPHAS_CUMPROD) for d in draws])
+    noise = torch.cat([d.noise for d in draws])
+    prediction = F.linear(noisy.flatten(1), model.weight + up @ down).view_as(noisy)
+    loss = F.mse_loss(prediction, noise)
+    loss.backward()
+    optimizer = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    optimizer.step()
+    assert state.losses[0] == pytest.approx(float(loss), rel=1e-6)
+    for trained, expected in zip(adapters.parameters(), reference):
+        torch.testing.assert_close(trained.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_of_one_draws_what_draw_step_draws():
+    single = diffusion.draw_step(7, 3, 5, torch.Size([1, 4, 8, 8]))
+    (batched,) = diffusion.draw_batch(7, 3, 5, torch.Size([1, 4, 8, 8]), 1)
+    assert (single.index, single.timestep) == (batched.index, batched.timestep) and torch.equal(single.noise, batched.noise)

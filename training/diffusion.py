@@ -38,6 +38,18 @@ def draw_step(seed: int, step: int, num_images: int, latent_shape: torch.Size) -
     return StepDraw(index, timestep, noise)
 
 
+def draw_batch(seed: int, step: int, num_images: int, latent_shape: torch.Size, batch_size: int) -> list[StepDraw]:
+    """The draws of one step of ``batch_size`` distinct images (each with its own timestep and
+    noise, as a batched diffusers step draws them); a batch of one is ``draw_step``'s draw."""
+    if batch_size == 1:
+        return [draw_step(seed, step, num_images, latent_shape)]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    indices = torch.randperm(num_images, generator=generator)[:batch_size].tolist()
+    timesteps = torch.randint(NUM_TRAIN_TIMESTEPS, (len(indices),), generator=generator).tolist()
+    return [StepDraw(index, timestep, torch.randn(latent_shape, generator=generator))
+            for index, timestep in zip(indices, timesteps)]
+
+
 def add_noise(latent: torch.Tensor, noise: torch.Tensor, timestep: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     alpha_bar = alphas_cumprod[timestep].to(torch.float32)
     return alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise

@@ -21,6 +21,18 @@ class Recipe:
     learning_rate: float
     steps: int
     source: str
+    weight_decay: float = 1e-4
+    max_grad_norm: float | None = 1.0
+    """None: no gradient clipping."""
+    batch_size: int = 1
+    """Images per step (at most the number given)."""
+
+    def settings(self, rank: int = 0, learning_rate: float = 0.0, alpha: float = 0.0) -> tuple[int, float, float]:
+        """``(rank, learning rate, alpha)`` to train with: each input given as 0 takes the recipe's
+        published value; alpha unset means alpha = rank (scale 1), decided here and nowhere else."""
+        rank = rank or self.rank
+        alpha = alpha or self.alpha or rank
+        return rank, learning_rate or self.learning_rate, float(alpha)
 
     def is_target(self, module_path: str) -> bool:
         match = _ATTENTION_PROJECTION.match(module_path)
@@ -46,6 +58,15 @@ ALL_ATTENTION = Recipe(
     name="all attention layers (style LoRA)",
     blocks=None,
     rank=8, alpha=16.0, learning_rate=1e-5, steps=1000,
-    source="Diffusion-LoRA-Style-Transfer train.sh (r 8, alpha 16, lr 1e-5), on SDXL's attention layers",
+    source="Diffusion-LoRA-Style-Transfer train.sh (r 8, alpha 16, lr 1e-5, batch 2), lit_module.py (AdamW, weight "
+           "decay 0.01), trainer.py (no gradient clipping); on SDXL's attention layers",
+    weight_decay=0.01, max_grad_norm=None, batch_size=2,
+)
+UNZIPLORA = Recipe(
+    name="UnZipLoRA (content + style, all attention layers)",
+    blocks=None,
+    rank=64, alpha=None, learning_rate=5e-5, steps=600,
+    source="UnZipLoRA official train_unziplora.py (AdamW wd 1e-4, clipping 1.0, batch 1)",
 )
 RECIPES = {recipe.name: recipe for recipe in (B_LORA, ALL_ATTENTION)}
+"""The recipes Train B-LoRA offers (UnZipLoRA has its own node)."""

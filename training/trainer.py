@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .diffusion import denoising_loss, draw_step
+from .diffusion import denoising_loss, draw_batch
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -31,7 +31,11 @@ class TrainConfig:
     precision: str = "fp32"
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only on Cancel or error)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
+    """None: no gradient clipping."""
+    batch_size: int = 1
+    """Images per step: their losses are averaged (one UNet call each, gradients accumulated, so
+    memory stays that of one image), which equals one batched step with a mean loss."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4
@@ -46,6 +50,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every}.")
 
@@ -105,7 +111,7 @@ def make_optimizer(parameter_groups: list[dict], config: TrainConfig, device: to
 def train(trainable: torch.nn.Module, predict, latents: torch.Tensor, alphas_cumprod: torch.Tensor,
           config: TrainConfig, hooks: TrainingHooks | None = None,
           resume: TrainingState | None = None, method: TrainingMethod | None = None) -> TrainingState:
-    """Train ``trainable`` to denoise ``latents`` (N, C, H, W); one image per step, batch 1."""
+    """Train ``trainable`` to denoise ``latents`` (N, C, H, W), ``config.batch_size`` images per step."""
     hooks = hooks or TrainingHooks()
     method = method or TrainingMethod(trainable, config.learning_rate)
     device = latents.device
@@ -133,19 +139,25 @@ def train(trainable: torch.nn.Module, predict, latents: torch.Tensor, alphas_cum
             hooks.check_interrupt()
             began = time.perf_counter()
             method.before_step(step)
-            draw = draw_step(config.seed, step, latents.shape[0], latents[:1].shape)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = denoising_loss(predict, latents[draw.index:draw.index + 1], draw, alphas_cumprod,
-                                      config.prediction)
-                extra = method.extra_loss(step)
-                if extra is not None:
-                    loss = loss + extra
-            finite = bool(torch.isfinite(loss))
+            draws = draw_batch(config.seed, step, latents.shape[0], latents[:1].shape, config.batch_size)
+            loss, finite = 0.0, True
+            for position, draw in enumerate(draws):  # one image at a time, gradients accumulated
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    part = denoising_loss(predict, latents[draw.index:draw.index + 1], draw, alphas_cumprod,
+                                          config.prediction) / len(draws)
+                    extra = method.extra_loss(step) if position == 0 else None
+                    if extra is not None:
+                        part = part + extra
+                finite = finite and bool(torch.isfinite(part))
+                if finite:
+                    scaler.scale(part).backward()
+                loss = loss + part.detach()
             if finite:
-                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 method.after_backward(step)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                             if config.max_grad_norm is not None else torch.stack([p.grad.norm() for p in params
+                                                                                   if p.grad is not None]).norm())
                 finite = bool(torch.isfinite(grad_norm))
                 if finite or scaler.is_enabled():
                     scaler.step(optimizer)  # with fp16 the scaler itself skips overflowing steps

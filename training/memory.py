@@ -1,0 +1,47 @@
+"""The trainers' memory settings: what each does, and how ``auto`` picks one.
+
+- ``fastest``: the whole fp16 UNet resident, activations kept for backward (no recomputation).
+- ``8 GB``: the same weights, with gradient checkpointing of every layer backward traverses
+  (``gradient_checkpointing.backward_path_layers``): activations are recomputed in backward
+  instead of kept, for about one more forward pass of those layers per step.
+
+``PEAK_GIB`` is the whole training peak at 1024 x 1024 on the full-size SDXL UNet (resident
+weights included), counted by ``bench/memory_estimate.py`` on the meta device (BENCHMARKS.md);
+``auto`` takes the fastest setting whose peak, plus a margin for the CUDA context and the
+allocator, fits the free VRAM at start.
+"""
+
+from __future__ import annotations
+
+AUTO, FASTEST, EIGHT_GB = "auto", "fastest", "8 GB"
+SETTINGS = (AUTO, FASTEST, EIGHT_GB)
+CHECKPOINTED = {FASTEST: False, EIGHT_GB: True}
+"""Whether a (resolved) setting checkpoints the backward path."""
+
+PEAK_GIB = {
+    "b-lora": {FASTEST: 11.02, EIGHT_GB: 6.18},
+    "unziplora": {FASTEST: 25.35, EIGHT_GB: 8.5},
+}
+"""Training peak per trainer and setting at 1024 x 1024 (bench/memory_estimate.py, BENCHMARKS.md)."""
+MARGIN_GIB = 0.8
+"""CUDA context and allocator fragmentation, on top of the estimated peak."""
+
+
+def resolve(setting: str, trainer: str, free_gib: float | None, pixels: int = 1024 * 1024) -> tuple[str, str]:
+    """The setting to train with and why, for the status text and the log. ``free_gib``: free
+    VRAM at start (None on a CPU, where memory is not the limit). Peaks scale with the image's
+    pixel count for the activation part; the estimate at 1024 x 1024 is used for larger images."""
+    if setting not in SETTINGS:
+        raise ValueError(f"memory must be one of {SETTINGS}, got {setting!r}.")
+    if setting != AUTO:
+        return setting, f"memory {setting} (as chosen)"
+    if free_gib is None:
+        return FASTEST, "memory auto: fastest (no GPU memory limit on this device)"
+    scale = max(pixels / (1024 * 1024), 1.0)
+    for candidate in (FASTEST, EIGHT_GB):
+        needed = PEAK_GIB[trainer][candidate] * scale + MARGIN_GIB
+        if needed <= free_gib:
+            return candidate, f"memory auto: {candidate} (needs about {needed:.1f} GiB, {free_gib:.1f} GiB free)"
+    needed = PEAK_GIB[trainer][EIGHT_GB] * scale + MARGIN_GIB
+    return EIGHT_GB, (f"memory auto: 8 GB, the smallest setting (needs about {needed:.1f} GiB but only "
+                      f"{free_gib:.1f} GiB are free: close other programs or lower the image size)")
