@@ -8,7 +8,7 @@
 #                           tool's KINDS.md: torch, transformers, peft, ... are already there).
 # BENCHMARKS.md shows the command that installs them there and runs the benchmark.
 #
-#     bench/device_bundle.sh            # ComfyUI found as for the tests: $COMFYUI_PATH or ~/ComfyUI
+#     COMFYUI_PATH=~/comfyui-hosts/ComfyUI-0.33.0 bench/device_bundle.sh   # the primary host
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,6 +22,7 @@ wheels=(
   torchsde==0.2.6 trampoline==0.1.2
   pydantic==2.13.4 pydantic_core==2.46.4 pydantic-settings==2.14.1
   python-dotenv==1.2.2 annotated-types==0.7.0 typing-inspection==0.4.2 typing_extensions==4.16.0
+  comfy-aimdo==0.4.13 comfy-kitchen==0.2.31 blake3==1.0.11 simpleeval==1.0.8   # new in ComfyUI 0.33
 )
 
 rm -rf "$bundle"

@@ -4,7 +4,8 @@
   to the UI format the graph editor loads and saves (``widgets_values`` positional).
 - ``ui_to_api``: a UI-format workflow to the API format the executor runs, as the editor's
   "Export (API)" does: widgets to named inputs, links to ``[node, slot]``; widgets a workflow
-  was saved without (inputs a newer host appended) get the host's defaults, as in the editor.
+  was saved without (inputs a newer host appended) get the host's defaults, and trailing values of
+  a core node saved by a newer host are ignored, both as in the editor.
 - ``fill_defaults``: the same defaults for an API-format prompt built in code (the CLI).
 
 Both take ``object_info`` (the server's ``/object_info``): the input order, which inputs are
@@ -164,7 +165,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 position += 1 + len(extras)
             if name in linked:
                 inputs[name] = [str(linked[name][1]), linked[name][2]]
-        if position != len(values):
+        if position < len(values) and not info.get("python_module", "nodes").startswith("custom_nodes"):
+            pass  # a core node saved by a newer host with widgets appended since: the editor ignores them too
+        elif position != len(values):
             raise WorkflowError(f"node {node['id']} ({node['type']}): {len(values)} widget values, "
                                 f"the node has {position}")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

@@ -51,7 +51,8 @@ class TrainBLoRA(io.ComfyNode):
                                  tooltip="Continue from this lora_name's checkpoint (same settings) instead of starting over."),
                 io.Combo.Input("recipe", options=list(recipes.RECIPES), default=recipes.B_LORA.name, optional=True,
                                tooltip="What to train. 'all attention layers' is the style-LoRA recipe of "
-                                       "Diffusion-LoRA-Style-Transfer: use rank 8, learning rate 1e-5 with it."),
+                                       "Diffusion-LoRA-Style-Transfer (rank 8, alpha 16, lr 1e-5, weight decay 0.01, "
+                                       "no clipping, 2 images a step); rank / learning rate / alpha at 0 take it."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
                                tooltip="LoRA alpha (scale = alpha / rank). 0: the recipe's (B-LoRA: alpha = rank; "
                                        "style LoRA: 16)."),

@@ -62,7 +62,8 @@ def empty_latent(node_id: int, pos) -> Node:
 def b_lora_train():
     nodes = [checkpoint(1, at(0, 0)), *image_latent(2, "my_image.png", 1, 0, 1.5),
              text(5, "A [v]", 1, at(1, 0), "Prompt: A [v]"), text(6, "", 1, at(1, 2), "Negative (empty)"),
-             Node(7, "BLoRATrain", {"model": (1, 0), "latents": (4, 0), "positive": (5, 0), "lora_name": "b-lora/my_image"},
+             Node(7, "BLoRATrain", {"model": (1, 0), "latents": (4, 0), "positive": (5, 0), "learning_rate": 5e-5,
+                                    "rank": 64, "lora_name": "b-lora/my_image"},
                   at(2, 0)),
              empty_latent(8, at(2, 5)),
              *sample(9, (7, 0), (5, 0), (6, 0), (8, 0), (1, 2), "b-lora/reconstruction", 3, 0),
