@@ -80,11 +80,14 @@ def prepare(model, latents, positive, node_name: str, lora_name: str, recipe: Re
 
 def finish(run: "TrainingRun", state: TrainingState, outputs: dict[Path, tuple[dict, dict]], patched,
            named: list[Path]) -> io.NodeOutput:
-    """Save every ``path: (state_dict, metadata)`` atomically, remove the checkpoint, and return
+    """Save every ``path: (state_dict, metadata)`` atomically (the pack's files also record when
+    and the per-step losses, so a library index can be rebuilt from the files), remove the
+    checkpoint, and return
     ``(patched model, *names of the files in named, loss curve, losses)`` with a status line."""
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     for path, (state_dict, metadata) in outputs.items():
-        stamp = {"blora.created": created} if "blora.method" in metadata else {}  # an official-format export has none
+        stamp = ({"blora.created": created, "blora.losses": json.dumps([round(v, 6) for v in state.losses])}
+                 if "blora.method" in metadata else {})  # an official-format export has none
         files.save_safetensors_atomic(state_dict, path, {**metadata, **stamp})
     run.remove_checkpoint()
     names = [run.prepared.relative(path) for path in named]

@@ -83,6 +83,7 @@ def test_trained_file_loads_everywhere(host, loaded_sdxl, loras_dir, image_and_p
     assert json.loads(metadata["blora.blocks"]) == ["output_blocks.0.1", "output_blocks.1.1"]
     assert metadata["blora.steps"] == "3" and metadata["blora.prompt"] == "A [v18]"
     assert len(metadata["blora.base_model_sha256"]) == 64
+    assert json.loads(metadata["blora.losses"]) == pytest.approx(losses["loss"], rel=1e-5)
     assert len(keys) == 32 * 3
 
     # ComfyUI's stock loader: every key maps, none "not loaded"
