@@ -60,6 +60,15 @@ class Prepared:
         return path.relative_to(self.loras_root).as_posix()
 
 
+def memory_input() -> io.Combo.Input:
+    """The trainers' optional ``memory`` input (appended last on both nodes)."""
+    return io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO, optional=True,
+                          tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
+                                  "which). fastest: everything kept for backward. 8 GB: gradient checkpointing of the "
+                                  "layers backward runs through (recomputed, about one more partial forward per step), "
+                                  "for 1024 px on an 8 GB card.")
+
+
 def prepare(model, latents, positive, node_name: str, lora_name: str, recipe: Recipe, steps: int,
             learning_rate: float, seed: int, precision: str, checkpoint_every: int) -> Prepared:
     """Everything is checked before any work: a bad name, model, latent or prompt fails at once."""

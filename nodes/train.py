@@ -12,7 +12,7 @@ from ..training import memory as memory_settings
 from ..training.lora_adapters import LoraAdapterSet
 from ..training.trainer import PRECISIONS
 from ..host import model as host_model
-from ..host.training_run import TrainingRun, finish, prepare
+from ..host.training_run import TrainingRun, finish, memory_input, prepare
 
 CATEGORY = "B-LoRA"
 
@@ -64,12 +64,7 @@ class TrainBLoRA(io.ComfyNode):
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Every N steps, show a quick sample of the LoRA being trained on this node "
                                      "(0: off). Costs a few UNet passes each time."),
-                io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO,
-                               optional=True,
-                               tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
-                                       "which). fastest: everything kept for backward. 8 GB: gradient checkpointing of "
-                                       "the layers backward runs through (recomputed, about one more partial forward "
-                                       "per step), for 1024 px on an 8 GB card."),
+                memory_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),

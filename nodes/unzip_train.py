@@ -14,7 +14,7 @@ from ..training import checkpoint, recipes
 from ..training import memory as memory_settings, unziplora
 from ..training.trainer import PRECISIONS
 from ..host import model as host_model, training as host_training
-from ..host.training_run import TrainingRun, finish, prepare
+from ..host.training_run import TrainingRun, finish, memory_input, prepare
 
 CATEGORY = "B-LoRA"
 
@@ -78,12 +78,7 @@ class TrainUnZipLoRA(io.ComfyNode):
                                        "gradients. The default equals the official 1e-5 at fp16 loss scale 2^16."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Every N steps, show a quick sample of the LoRAs being trained (0: off)."),
-                io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO,
-                               optional=True,
-                               tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
-                                       "which). fastest: everything kept for backward. 8 GB: gradient checkpointing of "
-                                       "the layers backward runs through (recomputed, about one more partial forward "
-                                       "per step), for 1024 px on an 8 GB card."),
+                memory_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with both LoRAs merged (mergers applied)."),
