@@ -200,16 +200,19 @@ def test_cancel_saves_a_checkpoint_and_leaves_the_model_untouched(host, loaded_s
     host.run_node("BLoRALoadStyleLoRA", loaded_sdxl, "b-lora/cat_checkpoint.safetensors", 1.0)
 
 
-def test_resume_after_cancel_equals_an_uninterrupted_run(host, loaded_sdxl, loras_dir, image_and_prompt, monkeypatch):
+@pytest.mark.parametrize("memory", ["fastest", "8 GB"])
+def test_resume_after_cancel_equals_an_uninterrupted_run(host, loaded_sdxl, loras_dir, image_and_prompt, monkeypatch,
+                                                         memory):
     import comfy.model_management
     lora_format = host.pack("core.lora_format")
 
-    train(host, loaded_sdxl, image_and_prompt, steps=6, name="straight", learning_rate=1e-2)
+    train(host, loaded_sdxl, image_and_prompt, steps=6, name="straight", learning_rate=1e-2, memory=memory)
     with monkeypatch.context() as patch:
         host_harness.press_cancel_during_step(host, patch, 3)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train(host, loaded_sdxl, image_and_prompt, steps=6, name="resumed", learning_rate=1e-2)
-    output = train(host, loaded_sdxl, image_and_prompt, steps=6, name="resumed", learning_rate=1e-2, resume=True)
+            train(host, loaded_sdxl, image_and_prompt, steps=6, name="resumed", learning_rate=1e-2, memory=memory)
+    output = train(host, loaded_sdxl, image_and_prompt, steps=6, name="resumed", learning_rate=1e-2, resume=True,
+                   memory=memory)
     assert len(output.result[3]["loss"]) == 6
     straight = lora_format.read_lora_file(loras_dir / "straight.safetensors")
     resumed = lora_format.read_lora_file(loras_dir / "resumed.safetensors")
