@@ -1,44 +1,44 @@
-"""A LoRA that acts only during a window of the sampling schedule.
+"""A LoRA that acts only during a window of the sampling schedule (ReChar's structure window).
 
-The low-rank path ``x A^T B^T`` is added to a frozen layer's output while a shared gate is open;
-a sampling wrapper opens the gate for the steps inside the window. Outside the window nothing is
-computed, inside it costs a rank-r product per layer, so sampling stays about as fast as with
-plain weight patches (which cannot change between steps).
+The low-rank path ``x A^T B^T`` is added to a frozen layer's output while the window is open;
+the sampling wrapper (``host/step_patches.py``) tells the window each call's sigma. Outside the
+window nothing is computed, inside it costs a rank-r product per layer, so sampling stays about
+as fast as with plain weight patches (which cannot change between steps).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from torch import nn
+
+from .step_lora import LowRankDelta, SamplingCall, StepListener
 
 
-@dataclass
-class Gate:
-    """Open while the current step is inside the window; set by the sampling wrapper."""
+class SigmaWindow(StepListener):
+    """Open while the current call's sigma lies in [low, high]."""
 
-    open: bool = True
+    def __init__(self, high: float, low: float):
+        self.high, self.low = high, low
+        self.open = True
+
+    def begin_call(self, call: SamplingCall) -> None:
+        self.open = in_window(call.sigma, self.high, self.low)
 
 
-class WindowedLoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor, scale: float, gate: Gate):
-        super().__init__()
+class WindowedLoRA:
+    """The ``forward`` of a layer whose LoRA acts only while ``window`` is open."""
+
+    def __init__(self, base: Callable, delta: LowRankDelta, window: SigmaWindow):
         self.base = base
-        self.factors = (down.float(), up.float())
-        self.scale = scale
-        self.gate = gate
-        self._cast: dict = {}
+        self.delta = delta
+        self.window = window
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        output = self.base(inputs)
-        if not self.gate.open:
+    def __call__(self, inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        output = self.base(inputs, *args, **kwargs)
+        if not self.window.open:
             return output
-        key = (inputs.device, inputs.dtype)
-        if key not in self._cast:
-            self._cast[key] = tuple(f.to(device=inputs.device, dtype=inputs.dtype) for f in self.factors)
-        down, up = self._cast[key]
-        return output + (self.scale * ((inputs @ down.t()) @ up.t())).to(output.dtype)
+        return output + self.delta(inputs).to(output.dtype)
 
 
 def sigma_window(model_sampling, start: float, end: float) -> tuple[float, float]:

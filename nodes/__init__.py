@@ -9,6 +9,7 @@ from .train import TrainBLoRA
 from .unzip_merge import UnZipColumnMaskMerge
 from .unzip_train import TrainUnZipLoRA
 from .rechar import ReCharStructureFuse
+from .klora import KLoRAFuse
 from ..host import routes
 
 
@@ -16,4 +17,4 @@ class BLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         routes.register()  # the host loader asks for the node list once, while it loads the pack
         return [LoadContentLoRA, LoadStyleLoRA, TrainBLoRA, UnZipColumnMaskMerge, TrainUnZipLoRA,
-                ReCharStructureFuse]
+                ReCharStructureFuse, KLoRAFuse]

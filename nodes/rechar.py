@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-import comfy.patcher_extension
 import folder_paths
 from comfy_api.latest import io
 
 from ..core import blora, sdxl_unet
 from ..core.glyph import canny_edges
-from ..core.windowed_lora import Gate, WindowedLoraLinear, in_window, sigma_window
-from ..host import model as host_model
+from ..core.step_lora import LowRankDelta
+from ..core.windowed_lora import SigmaWindow, WindowedLoRA, sigma_window
+from ..host import model as host_model, step_patches
 
 CATEGORY = "B-LoRA"
 WRAPPER_KEY = "blora_rechar_structure_window"
@@ -19,21 +21,10 @@ WRAPPER_KEY = "blora_rechar_structure_window"
 
 def _windowed(model, weights, strength: float, start: float, end: float):
     """A clone whose structure layers add their LoRA only for steps inside [start, end]."""
-    clone = model.clone()
-    gate = Gate()
-    for path, layer in weights.layers.items():
-        name = f"diffusion_model.{path}"
-        down, up = layer.down.flatten(1), layer.up.flatten(1)
-        clone.add_object_patch(name, WindowedLoraLinear(model.get_model_object(name), down, up,
-                                                        strength * layer.scale, gate))
-    high, low = sigma_window(model.get_model_object("model_sampling"), start, end)
-
-    def open_gate_in_window(executor, x, t, *args, **kwargs):
-        gate.open = in_window(float(t.flatten()[0]), high, low)
-        return executor(x, t, *args, **kwargs)
-
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, open_gate_in_window)
-    return clone
+    window = SigmaWindow(*sigma_window(model.get_model_object("model_sampling"), start, end))
+    layers = {path: functools.partial(WindowedLoRA, delta=LowRankDelta.of(layer, strength), window=window)
+              for path, layer in weights.layers.items()}
+    return step_patches.clone_with_step_layers(model, layers, window, WRAPPER_KEY)
 
 
 class ReCharStructureFuse(io.ComfyNode):

@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import column_masks
-from ..host import model as host_model
+from ..host import model as host_model, unzip_recombine
 
 CATEGORY = "B-LoRA"
 NO_MERGER = "none"
@@ -33,7 +33,11 @@ class UnZipColumnMaskMerge(io.ComfyNode):
                 "Recombines a content LoRA and a style LoRA (UnZipLoRA): on every layer, W0 + s_c diag(m_c) B_c A_c + "
                 "s_s diag(m_s) B_s A_s, where m are per-output-feature merger weights. Reads the official "
                 "*_content / *_style LoRAs with their *_merger_*.pth files, and this pack's trained files (mergers "
-                "inside). Content and style may come from different images."
+                "inside). Content and style may come from different images. With content_positive and "
+                "style_positive connected it runs as the official inference (prompt-separated): in cross-attention "
+                "keys/values the base weights see the sampled (combined) prompt, the content LoRA the content prompt, "
+                "the style LoRA the style prompt. Without them: the plain weight merge, one prompt for all three, "
+                "which matches the official result only when the three prompts are equal."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
@@ -55,6 +59,13 @@ class UnZipColumnMaskMerge(io.ComfyNode):
                                         "(overrides content_lora)."),
                 io.String.Input("style_lora_file", optional=True, force_input=True,
                                 tooltip="Connect a training node's style_lora output (overrides style_lora)."),
+                io.Conditioning.Input("content_positive", optional=True,
+                                      tooltip="The content prompt (e.g. 'A monadikos cat'): the content LoRA sees it in "
+                                              "cross-attention keys/values, as the official inference. Unconnected: "
+                                              "it sees the sampled prompt (plain merge)."),
+                io.Conditioning.Input("style_positive", optional=True,
+                                      tooltip="The style prompt (e.g. 'A cat in sketch style'; official prompts use "
+                                              "the content's class noun): the style LoRA sees it."),
             ],
             outputs=[io.Model.Output(tooltip="The model with both LoRAs merged in.")],
         )
@@ -68,7 +79,8 @@ class UnZipColumnMaskMerge(io.ComfyNode):
     @classmethod
     def execute(cls, model, content_lora: str, style_lora: str, content_strength: float, style_strength: float,
                 content_merger: str = NO_MERGER, style_merger: str = NO_MERGER,
-                untrained_masks: bool = False, content_lora_file: str = "", style_lora_file: str = "") -> io.NodeOutput:
+                untrained_masks: bool = False, content_lora_file: str = "", style_lora_file: str = "",
+                content_positive=None, style_positive=None) -> io.NodeOutput:
         host_model.require_sdxl(model, "UnZip Column Mask Merge")
         content = host_model.read_lora(content_lora_file or content_lora)
         style = host_model.read_lora(style_lora_file or style_lora)
@@ -83,5 +95,8 @@ class UnZipColumnMaskMerge(io.ComfyNode):
             content = column_masks.scale_rows(content, merger_c, "content")
         if merger_s:
             style = column_masks.scale_rows(style, merger_s, "style")
-        patched = host_model.patched_clone(model, content, content_strength)
-        return io.NodeOutput(host_model.patched_clone(patched, style, style_strength))
+        contexts = {"content": unzip_recombine.prompt_context(model, content_positive, "content_positive"),
+                    "style": unzip_recombine.prompt_context(model, style_positive, "style_positive")}
+        return io.NodeOutput(unzip_recombine.recombined(model, {"content": content, "style": style},
+                                                        {"content": content_strength, "style": style_strength},
+                                                        contexts))

@@ -13,7 +13,7 @@ from ..core.lora_format import LoraLayer, LoraWeights
 from ..training import checkpoint, recipes
 from ..training import memory as memory_settings, unziplora
 from ..training.trainer import PRECISIONS
-from ..host import model as host_model, training as host_training
+from ..host import training as host_training, unzip_recombine
 from ..host.training_run import TrainingRun, finish, memory_input, prepare
 
 CATEGORY = "B-LoRA"
@@ -129,10 +129,11 @@ class TrainUnZipLoRA(io.ComfyNode):
             state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train UnZipLoRA")
             method.finish()
             outputs = {prepared.beside(f"_{role}"): lora_file(role) for role in unziplora.ROLES}
-            merged = model
-            for role in unziplora.ROLES:
-                weights = _role_weights(layers, role)
-                merged = host_model.patched_clone(merged, column_masks.scale_rows(weights, _mergers(layers, role)), 1.0)
+            # recombined as the official inference runs it: each LoRA sees its own prompt in k/v
+            merged = unzip_recombine.recombined(
+                model, {role: column_masks.scale_rows(_role_weights(layers, role), _mergers(layers, role))
+                        for role in unziplora.ROLES},
+                contexts=role_contexts if settings.prompt_separation else None)
             return finish(run, state, outputs, merged, list(outputs))
 
 

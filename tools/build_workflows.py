@@ -128,7 +128,10 @@ def unziplora_train_and_recombine():
               Node(56, "UnZipColumnMaskMerge", {"model": (1, 0), "content_lora": "unziplora/image_a_content.safetensors",
                                                 "style_lora": "unziplora/image_b_style.safetensors",
                                                 "content_merger": "none", "style_merger": "none",
-                                                "content_lora_file": (16, 1), "style_lora_file": (36, 2)}, at(4, 9)),
+                                                "content_lora_file": (16, 1), "style_lora_file": (36, 2),
+                                                "content_positive": (60, 0), "style_positive": (61, 0)}, at(4, 9)),
+              text(60, "A monadikos cat", 1, at(4, 12.5), "Cross-image content prompt"),
+              text(61, "A cat in pop art style", 1, at(4, 14.5), "Cross-image style prompt"),
               *sample(57, (56, 0), (55, 0), (50, 0), (51, 0), (1, 2), "unziplora/a_content_b_style", 5, 7)]
     notes = [Note(80, "UnZipLoRA: train content and style LoRAs from each image, then recombine across images.\n\n"
                       "Top: image A -> Train UnZipLoRA -> its own content + style, recombined (the node's MODEL output).\n"
@@ -137,8 +140,31 @@ def unziplora_train_and_recombine():
                       "just saved (wired from their content_lora / style_lora outputs; mergers travel inside the "
                       "files). Later, pick any saved pair in its content_lora / style_lora lists instead "
                       "(disconnect the two file inputs), no training needed.\n\n"
+                      "Both recombine as the official inference does (prompt-separated): in cross-attention keys and "
+                      "values the model sees the sampled prompt, the content LoRA its content prompt, the style LoRA "
+                      "its style prompt (the training node uses its own training prompts; the merge node the two "
+                      "prompts wired into content_positive / style_positive). Unwire those two for a plain weight merge.\n\n"
                       "'monadikos' is the rare token for the subject; the style prompt keeps the class noun and drops "
-                      "the token, the content prompt drops the style words.", at(0, -3), (1100, 260))]
+                      "the token, the content prompt drops the style words.", at(0, -3), (1100, 300))]
+    return nodes, notes
+
+
+def k_lora_fuse():
+    nodes = [checkpoint(1, at(0, 0)),
+             Node(2, "KLoRAFuse", {"model": (1, 0), "content_lora": "b-lora/content_image.safetensors",
+                                   "style_lora": "b-lora/style_image.safetensors"}, at(1, 0)),
+             text(3, "A [c] in [s] style", 1, at(2, 0), "Prompt"), text(4, "", 1, at(2, 2), "Negative (empty)"),
+             empty_latent(5, at(2, 4)),
+             *sample(6, (2, 0), (3, 0), (4, 0), (5, 0), (1, 2), "k-lora/fused", 3, 0, steps=50, sampler_name="euler",
+                     scheduler="normal")]
+    notes = [Note(20, "K-LoRA (Ouyang et al., CVPR 2025): the content LoRA of image A and the style LoRA of image B "
+                      "fused with no training.\n\nPick the two files: any SDXL LoRAs trained on the same layers "
+                      "(B-LoRAs from Train B-LoRA, LoRAs on all attention layers, kohya or diffusers LoRAs). On every "
+                      "attention projection both change, each step uses one of them, chosen by how strongly each "
+                      "changes the layer against a weight S that moves over sampling (pattern s*, alpha 1.5: the "
+                      "official defaults: style in the first steps, then content, style growing towards the end). In the prompt, replace [c] "
+                      "and [s] with each LoRA's training token. 50 steps, as the official script.", at(0, -2.2),
+                  (760, 200))]
     return nodes, notes
 
 
@@ -264,6 +290,7 @@ WORKFLOWS = {
     "b-lora_text_stylization.json": lambda: b_lora_apply("text_stylization"),
     "b-lora_consistent_style.json": lambda: b_lora_apply("consistent_style"),
     "unziplora_train_and_recombine.json": unziplora_train_and_recombine,
+    "k-lora_fuse.json": k_lora_fuse,
     "lora_style_transfer_sdedit.json": lora_style_transfer_sdedit,
     "rechar_character.json": rechar_character,
 }
