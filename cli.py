@@ -9,6 +9,7 @@ levels up, or ~/ComfyUI):
     python cli.py generate --checkpoint ... --style b-lora/sketch --text "A backpack in [v30] style"
     python cli.py unzip train|recombine ...
     python cli.py run b-lora_train --set "Train B-LoRA.steps=500" ...
+    python cli.py library train --images photos/ --checkpoint ... --out my_library [--ray HEAD:6379]
 
 ``python cli.py COMMAND --help`` lists each command's options.
 """

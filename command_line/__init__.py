@@ -1,2 +1,3 @@
-"""The pack's command line: the seeds' entry points (train, stylize, generate, unzip) and any
-shipped workflow (run), on top of ComfyUI used as a library. See ``cli.py``."""
+"""The pack's command line: the seeds' entry points (train, stylize, generate, unzip), any
+shipped workflow (run) and a library of B-LoRAs trained on Ray (library), on top of ComfyUI used
+as a library. See ``cli.py``."""

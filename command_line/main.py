@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
+from . import library as library_command
 from . import sample_image
 from .runner import CommandLineError, node_definitions, run_prompt
 
@@ -168,12 +169,23 @@ def _with_blocks(session, args, content: str | None, style: str | None):
     return model
 
 
+def _fused_k_lora(session, args):
+    """Content and style LoRA files fused by K-LoRA Fuse (official defaults, strengths linear)."""
+    return session.graph.node("KLoRAFuse", model=session.checkpoint.out(0), content_lora=existing_lora(args.content),
+                              style_lora=existing_lora(args.style)).out(0)
+
+
 def command_stylize(args) -> None:
+    if args.fuse == "k-lora" and not args.style:
+        raise CommandLineError("--fuse k-lora needs --style (the style LoRA to fuse with the content LoRA).")
     if not (args.style or args.text):
         raise CommandLineError("stylize needs --style (a style B-LoRA) or --text (a prompt such as 'A [c] made of gold').")
     session = Session(args)
     prompt = args.text or args.prompt or "A [c] in [s] style"
-    session.sample(_with_blocks(session, args, args.content, args.style), prompt, "blora/stylize", args)
+    if args.fuse == "k-lora":
+        session.sample(_fused_k_lora(session, args), prompt, "k-lora/stylize", args)
+    else:
+        session.sample(_with_blocks(session, args, args.content, args.style), prompt, "blora/stylize", args)
     session.run()
 
 
@@ -196,10 +208,12 @@ def command_unzip(args) -> None:
                            lora_name=name, precision=args.precision,
                            prompt=args.prompt, memory=args.memory)
     else:
+        prompts = {f"{role}_positive": session.text(text) for role, text in
+                   (("content", args.content_prompt), ("style", args.style_prompt)) if text}
         merged = session.graph.node("UnZipColumnMaskMerge", model=session.checkpoint.out(0),
                                     content_lora=existing_lora(args.content), style_lora=existing_lora(args.style),
                                     content_strength=args.content_strength, style_strength=args.style_strength,
-                                    content_merger=args.content_merger, style_merger=args.style_merger)
+                                    content_merger=args.content_merger, style_merger=args.style_merger, **prompts)
         session.sample(merged.out(0), args.prompt, "unziplora/recombined", args)
     session.run()
     if args.action == "train":
@@ -281,6 +295,10 @@ def parser() -> argparse.ArgumentParser:
     stylize.add_argument("--style", help="style B-LoRA")
     stylize.add_argument("--text", help="a prompt instead of a style, e.g. 'A [c] made of gold'")
     stylize.add_argument("--prompt", help="the prompt with a style B-LoRA (default 'A [c] in [s] style')")
+    stylize.add_argument("--fuse", choices=("b-lora", "k-lora"), default="b-lora",
+                         help="b-lora: the content block of --content with the style block of --style (strengths "
+                              "squared, as the official B-LoRA); k-lora: the two whole LoRA files fused by K-LoRA "
+                              "Fuse (the official defaults, strengths 1)")
     stylize.set_defaults(run=command_stylize)
 
     generate = commands.add_parser("generate", parents=[common], help="a style B-LoRA with a text")
@@ -292,8 +310,9 @@ def parser() -> argparse.ArgumentParser:
     unzip.add_argument("action", choices=("train", "recombine"))
     unzip.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
     unzip.add_argument("--prompt", required=True, help="combined prompt (train) or the sampling prompt (recombine)")
-    unzip.add_argument("--content-prompt")
-    unzip.add_argument("--style-prompt")
+    unzip.add_argument("--content-prompt", help="train: the content prompt; recombine (optional, with --style-prompt): "
+                                                "the content LoRA's own prompt, as the official inference")
+    unzip.add_argument("--style-prompt", help="train: the style prompt; recombine: the style LoRA's own prompt")
     unzip.add_argument("--name")
     unzip.add_argument("--steps", type=int)
     unzip.add_argument("--rank", type=int, default=64)
@@ -309,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input of the node with that id, title or type (repeatable)")
     run.set_defaults(run=command_run)
+
+    library_command.add_parser(commands)
     return main
 
 

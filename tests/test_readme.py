@@ -6,7 +6,8 @@
   values as written; those needing a real SDXL checkpoint cannot run here), and each ``--help``
   line runs;
 - the test command is the one ``.ci/run`` runs; ``python -m bench.NAME`` / ``tools.NAME`` lines
-  name modules that answer ``--help``; install lines name files the pack has;
+  name modules that answer ``--help``; install lines name files the pack has; ``ray start``
+  lines parse with Ray's own options;
 - the supported hosts named in the README are those ``.ci/run`` tests and ``pyproject.toml``
   declares.
 """
@@ -57,7 +58,7 @@ def run_in_pack_folder(arguments: list[str], environment: dict, timeout: int = 6
 
 def test_every_command_is_of_a_kind_this_test_checks():
     kinds = ("python cli.py", "python3 -m pytest", "python -m bench.", "python -m tools.", "pip install", "cd ",
-             "git clone", "bash .ci/run", "python3 -m venv", "tar -xzf ")
+             "git clone", "bash .ci/run", "python3 -m venv", "tar -xzf ", "ray start ")
     unchecked = [c for c in COMMANDS if not any(kind in c for kind in kinds)]
     assert unchecked == [], "add a check for these README commands"
 
@@ -103,6 +104,14 @@ def test_benchmark_and_tool_commands_name_real_modules(command):
     module = shlex.split(command)[shlex.split(command).index("-m") + 1]
     result = run_in_pack_folder(["-m", module, "--help"], {}, timeout=120)
     assert result.returncode == 0 and "usage" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("ray start ")])
+def test_ray_commands_parse_with_rays_own_options(command):
+    """The cluster set-up lines, parsed by the command ``ray start`` runs (nothing is started)."""
+    from ray.scripts.scripts import start
+
+    start.make_context("ray start", shlex.split(command)[2:])
 
 
 def test_install_commands_name_files_that_exist():
