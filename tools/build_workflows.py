@@ -65,7 +65,7 @@ def b_lora_train():
              Node(7, "BLoRATrain", {"model": (1, 0), "latents": (4, 0), "positive": (5, 0), "learning_rate": 5e-5,
                                     "rank": 64, "lora_name": "b-lora/my_image"},
                   at(2, 0)),
-             empty_latent(8, at(2, 5)),
+             empty_latent(8, at(2, 6.2)),
              *sample(9, (7, 0), (5, 0), (6, 0), (8, 0), (1, 2), "b-lora/reconstruction", 3, 0),
              Node(12, "PreviewImage", {"images": (7, 2)}, at(4, 3), "Loss curve")]
     notes = [Note(20, "Train B-LoRA on one image.\n\n1. Pick your SDXL checkpoint and your image (about 1024 px).\n"
