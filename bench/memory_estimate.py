@@ -72,26 +72,32 @@ def flash_like_attention(q, k, v, heads, mask=None, **_):
 
 def saved_for_backward(run) -> int:
     """Bytes of the distinct storages autograd saves while ``run()`` builds the graph."""
-    storages: dict[int, int] = {}
+    storages: dict[int, torch.UntypedStorage] = {}  # held until counted (see CheckpointCount)
 
     def keep(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage._cdata] = storage.nbytes()
+        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         run()
-    return sum(storages.values())
+    return sum(storage.nbytes() for storage in storages.values())
 
 
 class CheckpointCount:
     """What non-reentrant gradient checkpointing keeps, counted on the meta device: the inputs of
     each checkpointed layer (the recomputation holds them), nothing the layer's own ops save, and
-    in backward the largest single layer's saved tensors while it is recomputed."""
+    in backward the largest single layer's saved tensors while it is recomputed.
+
+    Storages are counted by identity, so each is held until counted: a freed storage's address
+    may be given to the next one, which would then be taken for the same storage."""
 
     def __init__(self):
-        self.inputs: dict[int, int] = {}
+        self.inputs: dict[int, torch.UntypedStorage] = {}
         self.largest_layer = 0
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(storage.nbytes() for storage in self.inputs.values())
 
     def wrap(self, layer):
         forward = layer.forward
@@ -99,16 +105,16 @@ class CheckpointCount:
         def counted(*args, **kwargs):
             for value in [*args, *kwargs.values()]:
                 if isinstance(value, torch.Tensor):
-                    self.inputs[value.untyped_storage()._cdata] = value.untyped_storage().nbytes()
-            inner: dict[int, int] = {}
+                    self.inputs[value.untyped_storage()._cdata] = value.untyped_storage()
+            inner: dict[int, torch.UntypedStorage] = {}
 
             def discard(tensor):
-                inner[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+                inner[tensor.untyped_storage()._cdata] = tensor.untyped_storage()
                 return None
 
             with torch.autograd.graph.saved_tensors_hooks(discard, lambda _: None):
                 out = forward(*args, **kwargs)
-            self.largest_layer = max(self.largest_layer, sum(inner.values()))
+            self.largest_layer = max(self.largest_layer, sum(storage.nbytes() for storage in inner.values()))
             return out
 
         layer.forward = counted
@@ -179,7 +185,7 @@ def estimate(host, setup, trainer: str, setting: str) -> dict:
             prediction = unet(latent.half(), timesteps=timesteps, context=context, y=y)
             F.mse_loss(prediction, latent)
 
-    saved = saved_for_backward(forward) + sum(count.inputs.values()) + count.largest_layer
+    saved = saved_for_backward(forward) + count.input_bytes + count.largest_layer
     optimizer_state = 4 * sum(p.numel() for p in trainable.parameters()) * 4  # fp32 weights, grads, 2 moments
     gib = 2**30
     return {"trainer": trainer, "memory": setting, "resolution": setup.latent * 8,
