@@ -213,7 +213,7 @@ def test_a_batch_of_two_equals_one_batched_step_with_a_mean_loss():
     loss.backward()
     optimizer = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     optimizer.step()
-    assert state.losses[0] == pytest.approx(float(loss), rel=1e-6)
+    assert state.losses[0] == pytest.approx(float(loss.detach()), rel=1e-6)
     for trained, expected in zip(adapters.parameters(), reference):
         torch.testing.assert_close(trained.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
 
