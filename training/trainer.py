@@ -155,9 +155,9 @@ def train(trainable: torch.nn.Module, predict, latents: torch.Tensor, alphas_cum
             if finite:
                 scaler.unscale_(optimizer)
                 method.after_backward(step)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                             if config.max_grad_norm is not None else torch.stack([p.grad.norm() for p in params
-                                                                                   if p.grad is not None]).norm())
+                # an infinite bound clips nothing and still gives the norm the finiteness check needs
+                max_norm = math.inf if config.max_grad_norm is None else config.max_grad_norm
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 finite = bool(torch.isfinite(grad_norm))
                 if finite or scaler.is_enabled():
                     scaler.step(optimizer)  # with fp16 the scaler itself skips overflowing steps
