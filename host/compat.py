@@ -6,6 +6,7 @@ function checks for the host feature itself, not for a version number.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import comfy.model_patcher
@@ -27,19 +28,30 @@ def is_dynamic(model_patcher) -> bool:
     return bool(getattr(model_patcher, "is_dynamic", lambda: False)())
 
 
+@contextlib.contextmanager
 def trainable_patcher(model_patcher):
-    """The patcher whose module training may run on.
+    """The patcher whose module training may run on, while the context is open.
 
     A dynamic patcher streams each weight into a shared cast buffer per layer, so a frozen
     weight that autograd saves for backward can be overwritten before backward reads it, and
     the weights carry loader tags that replacing a parameter drops. Training therefore runs on
     the host's own non-dynamic delegate (``get_non_dynamic_delegate``: the mechanism the host
-    itself falls back to for features dynamic loading lacks, built once per model and cached
-    on it, carrying the user's patches). A plain patcher is returned as it is.
+    itself falls back to for features dynamic loading lacks, carrying the user's patches).
+
+    The host would keep that delegate cached on the model, a second instance of its weights
+    in RAM for as long as the model stays loaded; a delegate built here is dropped from the
+    cache on exit instead (the host's garbage collection after the prompt frees it), so it
+    exists only while training runs. One the host had already built is used and left cached.
+    A plain patcher is yielded as it is.
     """
-    if is_dynamic(model_patcher):
-        return model_patcher.get_non_dynamic_delegate()
-    return model_patcher
+    if not is_dynamic(model_patcher):
+        yield model_patcher
+        return
+    cached = model_patcher.non_dynamic_delegate_model
+    try:
+        yield model_patcher.get_non_dynamic_delegate()
+    finally:
+        model_patcher.non_dynamic_delegate_model = cached
 
 
 def prompt_executor(server):

@@ -142,8 +142,8 @@ def _unload(model_patcher) -> None:
 @contextlib.contextmanager
 def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | None = None,
                    module_wrappers: dict | None = None, checkpoint_backward_path: bool = False):
-    """A clone of ``model`` (of the host's non-dynamic delegate under dynamic VRAM, see
-    ``compat.trainable_patcher``) loaded for training ``trainable``.
+    """A clone of ``model`` (of the host's non-dynamic delegate under dynamic VRAM, which lives
+    only as long as this context, see ``compat.trainable_patcher``) loaded for training ``trainable``.
 
     ``weight_wrappers`` maps module paths to functions of the weight (``W -> W + delta``), added
     with ``ModelPatcher.add_weight_wrapper``; ``module_wrappers`` maps module paths to functions
@@ -155,37 +155,37 @@ def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | No
     restored by the host), the wrappers are taken off and every grad flag is restored.
     """
     weight_wrappers = weight_wrappers or {}
-    base = compat.trainable_patcher(model)
-    clone = base.clone()
-    for path, wrapper in weight_wrappers.items():
-        clone.add_weight_wrapper(f"diffusion_model.{path}.weight", wrapper)
-    for path, wrap in (module_wrappers or {}).items():
-        name = f"diffusion_model.{path}"
-        clone.add_object_patch(name, wrap(base.get_model_object(name)))
-    unet = clone.model.diffusion_model
-    requires_grad = {name: param.requires_grad for name, param in unet.named_parameters()}
-    try:
-        with torch.inference_mode(False):
-            comfy.model_management.load_models_gpu([clone], force_full_load=True)
-            device = clone.load_device
-            trainable.to(device)
-            thawed = _thaw_inference_tensors(unet)
-            logging.debug("B-LoRA training: %d frozen weights made autograd-ready", thawed)
-            unet.requires_grad_(False)  # gradients for the trained parameters only; backward stops early
-            trainable.requires_grad_(True)
-            trained = [*weight_wrappers, *(module_wrappers or {})]
-            layers = gradient_checkpointing.backward_path_layers(unet, trained) if checkpoint_backward_path else []
-            with gradient_checkpointing.checkpointed(layers):
-                yield clone, device
-    finally:
-        _unload(clone)
+    with compat.trainable_patcher(model) as base:
+        clone = base.clone()
         for path, wrapper in weight_wrappers.items():
-            module = comfy.utils.get_attr(unet, path)
-            if any(f is wrapper for f in getattr(module, "weight_function", [])):
-                module.weight_function = [f for f in module.weight_function if f is not wrapper]
-        for name, param in unet.named_parameters():
-            param.requires_grad_(requires_grad.get(name, False))
-        trainable.to("cpu")
+            clone.add_weight_wrapper(f"diffusion_model.{path}.weight", wrapper)
+        for path, wrap in (module_wrappers or {}).items():
+            name = f"diffusion_model.{path}"
+            clone.add_object_patch(name, wrap(base.get_model_object(name)))
+        unet = clone.model.diffusion_model
+        requires_grad = {name: param.requires_grad for name, param in unet.named_parameters()}
+        try:
+            with torch.inference_mode(False):
+                comfy.model_management.load_models_gpu([clone], force_full_load=True)
+                device = clone.load_device
+                trainable.to(device)
+                thawed = _thaw_inference_tensors(unet)
+                logging.debug("B-LoRA training: %d frozen weights made autograd-ready", thawed)
+                unet.requires_grad_(False)  # gradients for the trained parameters only; backward stops early
+                trainable.requires_grad_(True)
+                trained = [*weight_wrappers, *(module_wrappers or {})]
+                layers = gradient_checkpointing.backward_path_layers(unet, trained) if checkpoint_backward_path else []
+                with gradient_checkpointing.checkpointed(layers):
+                    yield clone, device
+        finally:
+            _unload(clone)
+            for path, wrapper in weight_wrappers.items():
+                module = comfy.utils.get_attr(unet, path)
+                if any(f is wrapper for f in getattr(module, "weight_function", [])):
+                    module.weight_function = [f for f in module.weight_function if f is not wrapper]
+            for name, param in unet.named_parameters():
+                param.requires_grad_(requires_grad.get(name, False))
+            trainable.to("cpu")
 
 
 def unet_predict(clone, conditionings: list[ImageConditioning], device: torch.device):

@@ -4,9 +4,9 @@ On a GPU, 0.33 loads models through ``ModelPatcherDynamic``; on the CPU it falls
 plain patcher, so these tests give a real tiny model the two things that make a patcher
 dynamic for the code under test: ``is_dynamic()`` answering True, and the host's own
 ``ModelPatcherDynamic.get_non_dynamic_delegate`` with a ``cached_patcher_init`` factory, as a
-checkpoint loader registers it. Training must then run on the host's non-dynamic delegate
-(built once, reused), leave the user's model untouched and train exactly what a plain model
-trains. The streaming of weights itself needs a GPU (see README, "Dynamic VRAM").
+checkpoint loader registers it. Training must then run on the host's non-dynamic delegate,
+which lives only while training runs (no second instance of the weights left behind), leave
+the user's model untouched and train exactly what a plain model trains. The streaming of weights itself needs a GPU (see README, "Dynamic VRAM").
 
 The loaders, ReChar and the merge node only add plain patches; a dynamic (or lowvram) load
 computes each patched weight per layer with ``LowVramPatch`` instead of patching the weight in
@@ -15,7 +15,9 @@ place: both must give identical weights.
 
 from __future__ import annotations
 
+import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -30,13 +32,15 @@ def dynamic_looking(host, seed: int = 0):
     as a dynamic one, and a counter of how often the host rebuilt its non-dynamic delegate."""
     import comfy.model_patcher
 
-    built = {"n": 0}
+    built = {"n": 0, "models": []}
 
     def load_again(disable_dynamic=False):
         assert disable_dynamic, "the delegate must be built non-dynamic"
         built["n"] += 1
         with torch.inference_mode():
-            return tiny_models.build_tiny_sdxl(seed)
+            delegate = tiny_models.build_tiny_sdxl(seed)
+        built["models"].append(weakref.ref(delegate.model))
+        return delegate
 
     with torch.inference_mode():
         model = tiny_models.build_tiny_sdxl(seed)
@@ -54,7 +58,8 @@ def compat(host):
 
 
 def test_a_plain_patcher_trains_on_itself(compat, loaded_sdxl):
-    assert compat.trainable_patcher(loaded_sdxl) is loaded_sdxl
+    with compat.trainable_patcher(loaded_sdxl) as patcher:
+        assert patcher is loaded_sdxl
     assert not compat.is_dynamic(loaded_sdxl)
 
 
@@ -71,20 +76,25 @@ def test_dynamic_vram_exists_only_on_hosts_that_have_it(host, compat):
 
 
 @pytest.mark.dynamic_vram
-def test_training_a_dynamic_model_runs_on_the_hosts_delegate(host, compat, loras_dir):
+def test_training_a_dynamic_model_runs_on_a_delegate_that_lives_only_while_training(host, compat, loras_dir):
     import comfy.model_patcher
     from safetensors.torch import load_file
 
     model, built = dynamic_looking(host)
-    delegate = compat.trainable_patcher(model)
-    assert type(delegate) is comfy.model_patcher.ModelPatcher and delegate.model is not model.model
-    assert built["n"] == 1
+    with compat.trainable_patcher(model) as delegate:
+        assert type(delegate) is comfy.model_patcher.ModelPatcher and delegate.model is not model.model
+        assert model.non_dynamic_delegate_model is not None and built["n"] == 1
+    del delegate
+    assert model.non_dynamic_delegate_model is None, "the host's cache is left as it was"
 
     before = model_state(model)
     image_and_prompt = tiny_models.image_and_prompt()
     train(host, model, image_and_prompt, steps=3, name="b-lora/dynamic")
     train(host, model, image_and_prompt, steps=3, name="b-lora/dynamic_again")
-    assert built["n"] == 1, "the delegate is built once per model and reused"
+    assert built["n"] == 3, "each run builds its own delegate"
+    assert model.non_dynamic_delegate_model is None
+    gc.collect()
+    assert not [ref for ref in built["models"] if ref() is not None], "a delegate outlived its training run"
     assert_unchanged(model, before)
 
     with torch.inference_mode():
@@ -96,6 +106,17 @@ def test_training_a_dynamic_model_runs_on_the_hosts_delegate(host, compat, loras
     for key, value in trained["plain"].items():
         assert torch.equal(trained["dynamic"][key], value), key
         assert torch.equal(trained["dynamic_again"][key], value), key
+
+
+@pytest.mark.dynamic_vram
+def test_a_delegate_the_host_already_built_is_used_and_kept(host, compat):
+    """The host builds the delegate itself for hooked conditioning (``samplers.py``) and caches
+    it; training then reuses that one and leaves it in the cache."""
+    model, built = dynamic_looking(host)
+    model.get_non_dynamic_delegate()
+    cached = model.non_dynamic_delegate_model
+    train(host, model, tiny_models.image_and_prompt(), steps=2, name="b-lora/host_cached")
+    assert built["n"] == 1 and model.non_dynamic_delegate_model is cached
 
 
 def weights_both_ways(model_patcher) -> tuple[dict, dict]:
