@@ -5,8 +5,10 @@ Runs the pack's training forward (ComfyUI's full-size SDXL UNet, the trainer's L
 applies it, rank 64) on PyTorch's ``meta`` device, where tensors have shapes and dtypes but no
 memory, and adds up the whole peak: the resident fp16 weights, the bytes autograd keeps for
 backward (with gradient checkpointing: each checkpointed layer's inputs, plus the largest layer
-while it is recomputed), and the LoRA with its gradients and AdamW moments. Short-lived buffers
-and the CUDA context are not counted. What a GPU would do that the meta device does not is
+while it is recomputed; a frozen weight a product saves is the resident weight itself, not
+counted twice), and the LoRA with its gradients and AdamW moments. Short-lived buffers and the
+CUDA context are not counted. A test runs the same count on the tiny UNet on the CPU and
+compares it with the bytes a real run (real gradient checkpointing) keeps alive. What a GPU would do that the meta device does not is
 imitated:
 
 - fp16 autocast: matrix products and convolutions take fp16 inputs, norms and the loss fp32
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -70,58 +73,97 @@ def flash_like_attention(q, k, v, heads, mask=None, **_):
     return FusedAttention.apply(q, k, v)
 
 
-def saved_for_backward(run) -> int:
-    """Bytes of the distinct storages autograd saves while ``run()`` builds the graph."""
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def saved_storages(run) -> dict[int, torch.UntypedStorage]:
+    """The distinct storages autograd saves while ``run()`` builds the graph."""
     storages: dict[int, torch.UntypedStorage] = {}  # held until counted (see CheckpointCount)
 
     def keep(tensor):
-        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage()
+        storages[_storage_key(tensor)] = tensor.untyped_storage()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         run()
-    return sum(storage.nbytes() for storage in storages.values())
+    return storages
+
+
+def saved_for_backward(run) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` builds the graph."""
+    return sum(storage.nbytes() for storage in saved_storages(run).values())
 
 
 class CheckpointCount:
-    """What non-reentrant gradient checkpointing keeps, counted on the meta device: the inputs of
-    each checkpointed layer (the recomputation holds them), nothing the layer's own ops save, and
-    in backward the largest single layer's saved tensors while it is recomputed.
+    """What non-reentrant gradient checkpointing keeps: the inputs of each checkpointed layer whose
+    ops save anything (the recomputation holds them; a layer backward never needs, e.g. one before
+    the first trained module, keeps nothing), nothing the layer's own ops save, and in backward the
+    largest single layer's saved tensors while it is recomputed.
 
     Storages are counted by identity, so each is held until counted: a freed storage's address
     may be given to the next one, which would then be taken for the same storage."""
 
-    def __init__(self):
+    def __init__(self, counted_elsewhere: set[int] = frozenset()):
+        self.counted_elsewhere = counted_elsewhere
+        """Storage keys not to count (weights, LoRA parameters: counted on their own)."""
         self.inputs: dict[int, torch.UntypedStorage] = {}
         self.largest_layer = 0
 
-    @property
-    def input_bytes(self) -> int:
-        return sum(storage.nbytes() for storage in self.inputs.values())
+    @contextlib.contextmanager
+    def counting(self, layers):
+        """Each of ``layers`` counted (not checkpointed) while the context is open."""
+        try:
+            for layer in layers:
+                layer.forward = self._counted(layer.forward)
+            yield self
+        finally:
+            for layer in layers:
+                vars(layer).pop("forward", None)
 
-    def wrap(self, layer):
-        forward = layer.forward
-
+    def _counted(self, forward):
         def counted(*args, **kwargs):
-            for value in [*args, *kwargs.values()]:
-                if isinstance(value, torch.Tensor):
-                    self.inputs[value.untyped_storage()._cdata] = value.untyped_storage()
             inner: dict[int, torch.UntypedStorage] = {}
 
             def discard(tensor):
-                inner[tensor.untyped_storage()._cdata] = tensor.untyped_storage()
+                inner[_storage_key(tensor)] = tensor.untyped_storage()
                 return None
 
             with torch.autograd.graph.saved_tensors_hooks(discard, lambda _: None):
                 out = forward(*args, **kwargs)
-            self.largest_layer = max(self.largest_layer, sum(storage.nbytes() for storage in inner.values()))
+            inputs = {_storage_key(value): value.untyped_storage()
+                      for value in [*args, *kwargs.values()] if isinstance(value, torch.Tensor)}
+            if inner:  # a layer none of whose ops saves anything is never recomputed: its inputs are let go
+                self.inputs.update(inputs)
+            layer_bytes = sum(storage.nbytes() for key, storage in inner.items()
+                              if key not in self.counted_elsewhere and key not in inputs)  # inputs: held already
+            self.largest_layer = max(self.largest_layer, layer_bytes)
             return out
 
-        layer.forward = counted
+        return counted
 
 
-def build_trainer(host, trainer: str, unet, setup):
-    """The trainer's LoRA on the meta UNet, as the pack applies it; returns (trainable, trained paths)."""
+def parameter_storages(*modules: torch.nn.Module) -> set[int]:
+    return {_storage_key(p) for module in modules for p in module.parameters()}
+
+
+def held_for_backward(forward, checkpointed_layers, counted_elsewhere: set[int]) -> dict[str, int]:
+    """What ``forward()`` (one training forward) leaves for backward, in bytes, less the storages
+    in ``counted_elsewhere`` (keys of the weights and LoRA parameters: a frozen fp16 weight a
+    product saves is the resident weight itself): ``held`` (autograd's saved tensors outside
+    ``checkpointed_layers`` and those layers' inputs, each storage once) and ``largest_layer``
+    (held in addition while that layer is recomputed in backward, see ``CheckpointCount``)."""
+    count = CheckpointCount(counted_elsewhere)
+    with count.counting(checkpointed_layers):
+        storages = saved_storages(forward)
+    storages.update(count.inputs)
+    held = sum(storage.nbytes() for key, storage in storages.items() if key not in counted_elsewhere)
+    return {"held": held, "largest_layer": count.largest_layer}
+
+
+def build_trainer(host, trainer: str, unet, context_dim: int, device: torch.device, lora_product=None):
+    """The trainer's LoRA on ``unet``, as the pack applies it; returns (trainable, trained paths).
+    ``lora_product(up, down)`` replaces B-LoRA's product (the meta run turns its autocast off there)."""
     import comfy.utils
 
     recipes = host.pack("training.recipes")
@@ -130,15 +172,17 @@ def build_trainer(host, trainer: str, unet, setup):
     recipe = recipes.B_LORA if trainer == "b-lora" else recipes.UNZIPLORA
     shapes = {path: tuple(weights[f"{path}.weight"].shape) for path in recipe.targets(paths)}
     if trainer == "b-lora":
-        adapters = host.pack("training.lora_adapters").LoraAdapterSet(shapes, gpu_train_step.RANK, None).to("meta")
+        adapters = host.pack("training.lora_adapters").LoraAdapterSet(shapes, gpu_train_step.RANK, None).to(device)
         for path, adapter in adapters.items():
-            adapter.delta = (lambda a: lambda: fp32_product(a.up, a.down))(adapter)
+            if lora_product is not None:
+                adapter.delta = (lambda a: lambda: lora_product(a.up, a.down))(adapter)
             comfy.utils.get_attr(unet, path).weight_function = [adapter]
         return adapters, list(shapes)
     unziplora = host.pack("training.unziplora")
     settings = unziplora.UnZipConfig()
-    layers = {path: layer.to("meta") for path, layer in unziplora.make_layers(shapes, gpu_train_step.RANK, settings, 0).items()}
-    contexts = {role: torch.empty(1, 77, setup.context_dim, device="meta", dtype=torch.float16) for role in unziplora.ROLES}
+    layers = {path: layer.to(device) for path, layer in unziplora.make_layers(shapes, gpu_train_step.RANK, settings, 0).items()}
+    dtype = next(unet.parameters()).dtype
+    contexts = {role: torch.zeros(1, 77, context_dim, device=device, dtype=dtype) for role in unziplora.ROLES}
     for path, wrap in unziplora.module_wrappers(layers, contexts, settings).items():
         comfy.utils.set_attr(unet, path, wrap(comfy.utils.get_attr(unet, path)))
     return torch.nn.ModuleList(layers.values()), list(shapes)
@@ -168,12 +212,8 @@ def estimate(host, setup, trainer: str, setting: str) -> dict:
         unet = config.get_model({}, device=torch.device("meta")).diffusion_model
     unet.requires_grad_(False)
     resident = sum(p.numel() * p.element_size() for p in unet.parameters())
-    trainable, trained = build_trainer(host, trainer, unet, setup)
+    trainable, trained = build_trainer(host, trainer, unet, setup.context_dim, torch.device("meta"), fp32_product)
     attention.optimized_attention = attention.optimized_attention_masked = flash_like_attention
-    count = CheckpointCount()
-    if memory.CHECKPOINTED[setting]:
-        for layer in gradient_checkpointing.backward_path_layers(unet, trained):
-            count.wrap(layer)
 
     latent = torch.empty(1, 4, setup.latent, setup.latent, device="meta")
     context = torch.empty(1, 77, setup.context_dim, device="meta", dtype=torch.float16)
@@ -185,7 +225,9 @@ def estimate(host, setup, trainer: str, setting: str) -> dict:
             prediction = unet(latent.half(), timesteps=timesteps, context=context, y=y)
             F.mse_loss(prediction, latent)
 
-    saved = saved_for_backward(forward) + count.input_bytes + count.largest_layer
+    layers = gradient_checkpointing.backward_path_layers(unet, trained) if memory.CHECKPOINTED[setting] else []
+    held = held_for_backward(forward, layers, parameter_storages(unet, trainable))
+    saved = held["held"] + held["largest_layer"]
     optimizer_state = 4 * sum(p.numel() for p in trainable.parameters()) * 4  # fp32 weights, grads, 2 moments
     gib = 2**30
     return {"trainer": trainer, "memory": setting, "resolution": setup.latent * 8,

@@ -5,6 +5,7 @@ Timings are not checked: speed is measured by these scripts, not by tests."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -13,6 +14,9 @@ import sys
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from devkit import host as host_harness
 from devkit.host import COMFYUI_PATH
@@ -101,6 +105,100 @@ def test_saved_bytes_on_the_meta_device_equal_those_of_a_real_run():
     meta = memory_estimate.saved_for_backward(block("meta"))
     real = memory_estimate.saved_for_backward(block("cpu"))
     assert meta == real > 0
+
+
+class CreatedStorages(TorchDispatchMode):
+    """Every storage an op allocates while the mode is on (a real run's allocations, seen below
+    autograd; a view or an in-place result shares an input's storage and is not one), so that
+    afterwards ``live_bytes`` tells how many of those bytes are still held."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in inputs:
+                storage = tensor.untyped_storage()
+                self.created[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def live_bytes(self) -> int:
+        gc.collect()
+        return sum(nbytes for ref, nbytes in self.created.values() if not ref.expired())
+
+
+def storages_alive() -> set[int]:
+    gc.collect()
+    return {o.untyped_storage()._cdata for o in gc.get_objects() if issubclass(type(o), torch.Tensor)}
+
+
+@pytest.mark.parametrize("trainer", ["b-lora", "unziplora"])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["fastest", "8 GB"])
+def test_the_count_of_what_a_forward_holds_equals_what_a_real_run_keeps_alive(host, trainer, checkpointed):
+    """The estimate's count (saved tensors, the inputs checkpointed layers keep, weights not
+    counted twice) on the tiny SDXL UNet on the CPU, against a real run of the same forward with
+    the pack's real gradient checkpointing: the bytes its ops allocated that are still alive
+    when backward is about to start. Then backward runs, so the graph was a real one."""
+    from bench import memory_estimate
+    from devkit import tiny_models
+
+    gradient_checkpointing = host.pack("training.gradient_checkpointing")
+    model = tiny_models.build_tiny_sdxl()
+    unet = model.model.diffusion_model.requires_grad_(False)
+    trainable, trained = memory_estimate.build_trainer(host, trainer, unet, tiny_models.CONTEXT_DIM, torch.device("cpu"))
+    latent, timestep, context, pooled = tiny_models.sample_inputs(size=16)
+    y = model.model.encode_adm(pooled_output=pooled, width=128, height=128, crop_w=0, crop_h=0,
+                               target_width=128, target_height=128)
+
+    def forward():
+        prediction = unet(latent, timesteps=timestep, context=context, y=y)
+        return torch.nn.functional.mse_loss(prediction, latent)
+
+    pre_existing = storages_alive()  # weights, LoRA, inputs, prompt embeddings: none is the forward's
+    assert memory_estimate.parameter_storages(unet, trainable) <= pre_existing
+    layers = gradient_checkpointing.backward_path_layers(unet, trained) if checkpointed else []
+    counted = memory_estimate.held_for_backward(forward, layers, pre_existing)
+
+    tracker = CreatedStorages()
+    with gradient_checkpointing.checkpointed(layers):
+        with tracker:
+            loss = forward()
+        kept = tracker.live_bytes() - loss.untyped_storage().nbytes()
+        loss.backward()
+    assert counted["held"] == kept > 0
+    assert all(p.grad is not None for p in trainable.parameters())
+    if checkpointed:
+        assert counted["largest_layer"] == max(recomputation_holds(layer_inputs(layers, forward))) > 0
+
+
+def layer_inputs(layers, forward) -> list[tuple[torch.nn.Module, tuple, dict]]:
+    """Each layer with the inputs a real (unchecked) forward gives it."""
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda layer, args, kwargs: calls.append((layer, args, kwargs)),
+                                             with_kwargs=True) for layer in layers]
+    try:
+        forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def recomputation_holds(calls) -> list[int]:
+    """What each layer's ops keep for backward when it runs again with grad (its recomputation):
+    the bytes it allocates that are still alive after it returns, less its output."""
+    held = []
+    for layer, args, kwargs in calls:
+        tracker = CreatedStorages()
+        with tracker:
+            out = layer(*args, **kwargs)
+        held.append(tracker.live_bytes() - out.untyped_storage().nbytes())
+        del out
+    return held
 
 
 def test_meta_autocast_casts_like_fp16_autocast():

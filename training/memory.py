@@ -19,8 +19,8 @@ CHECKPOINTED = {FASTEST: False, EIGHT_GB: True}
 """Whether a (resolved) setting checkpoints the backward path."""
 
 PEAK_GIB = {
-    "b-lora": {FASTEST: 11.02, EIGHT_GB: 6.66},
-    "unziplora": {FASTEST: 25.35, EIGHT_GB: 10.09},
+    "b-lora": {FASTEST: 9.24, EIGHT_GB: 6.23},
+    "unziplora": {FASTEST: 21.27, EIGHT_GB: 9.53},
 }
 """Training peak per trainer and setting at 1024 x 1024 (bench/memory_estimate.py, BENCHMARKS.md)."""
 MARGIN_GIB = 0.8
