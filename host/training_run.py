@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -64,9 +65,9 @@ def memory_input() -> io.Combo.Input:
     """The trainers' optional ``memory`` input (appended last on both nodes)."""
     return io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO, optional=True,
                           tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
-                                  "which). fastest: everything kept for backward. 8 GB: gradient checkpointing of the "
-                                  "layers backward runs through (recomputed, about one more partial forward per step), "
-                                  "for 1024 px on an 8 GB card.")
+                                  "which), moving on to 8 GB if the GPU runs out of memory anyway. fastest: everything "
+                                  "kept for backward. 8 GB: gradient checkpointing of the layers backward runs through "
+                                  "(recomputed, about one more partial forward per step), for 1024 px on an 8 GB card.")
 
 
 def prepare(model, latents, positive, node_name: str, lora_name: str, recipe: Recipe, steps: int,
@@ -138,24 +139,49 @@ class TrainingRun:
                 "weight_decay": str(config.weight_decay), "max_grad_norm": str(config.max_grad_norm)}
 
     def run(self, node_id: str | None, resume: bool, label: str) -> TrainingState:
-        resume_state = None
-        if resume:
-            trainable_state, resume_state = checkpoint.load_checkpoint(self.sidecar, self.full_fingerprint())
-            self.trainable.load_state_dict(trainable_state)
-            if resume_state.step >= self.config.steps:
-                raise ValueError(f"The checkpoint is already at step {resume_state.step}; raise steps above it "
-                                 "to continue training.")
+        resume_state = self._load_checkpoint() if resume else None
+        if resume_state is not None and resume_state.step >= self.config.steps:
+            raise ValueError(f"The checkpoint is already at step {resume_state.step}; raise steps above it "
+                             "to continue training.")
+        setting, why = memory_settings.resolve(self.memory, self.trainer, host_training.free_vram_gib(),
+                                               self.prepared.samples.shape[-1] * self.prepared.samples.shape[-2] * 64)
+        logging.info("%s: %s", label, why)
+        initial = None if resume_state else {name: value.detach().clone() for name, value in self.trainable.state_dict().items()}
+        saved_steps, note = [], f"memory {setting}"
+        while True:
+            try:
+                return self._train(setting, resume_state, node_id, label, saved_steps.append, note)
+            except torch.OutOfMemoryError as error:
+                smaller = memory_settings.smaller_after_oom(self.memory, setting)
+                if smaller is None:
+                    raise torch.OutOfMemoryError(f"{label}: the GPU ran out of memory with memory '{setting}' ({why}). "
+                                                 f"{memory_settings.out_of_memory_advice(setting)} ({error})") from error
+            # Out of the handler, the failed attempt's frames and the GPU memory they held are gone.
+            gc.collect()
+            comfy.model_management.soft_empty_cache()
+            logging.warning("%s: out of GPU memory with memory '%s'; going on with '%s'%s", label, setting, smaller,
+                            f" from the checkpoint at step {saved_steps[-1]}" if saved_steps else "")
+            if saved_steps or resume_state is not None:
+                resume_state = self._load_checkpoint()
+            else:
+                self.trainable.load_state_dict(initial)
+            setting, note = smaller, f"memory {smaller} (after running out with {setting})"
 
+    def _load_checkpoint(self) -> TrainingState:
+        trainable_state, resume_state = checkpoint.load_checkpoint(self.sidecar, self.full_fingerprint())
+        self.trainable.load_state_dict(trainable_state)
+        return resume_state
+
+    def _train(self, setting: str, resume_state: TrainingState | None, node_id: str | None, label: str,
+               on_saved: Callable[[int], None], note: str) -> TrainingState:
         def save_checkpoint(state: TrainingState) -> None:
             lora_files = {path: build() for path, build in self.checkpoint_files.items()}
             checkpoint.save_checkpoint(self.trainable, state, self.sidecar, self.full_fingerprint(), lora_files)
             logging.info("Training: checkpoint at step %d saved beside %s", state.step, self.prepared.final_path)
+            on_saved(state.step)
 
-        setting, why = memory_settings.resolve(self.memory, self.trainer, host_training.free_vram_gib(),
-                                               self.prepared.samples.shape[-1] * self.prepared.samples.shape[-2] * 64)
-        logging.info("%s: %s", label, why)
         reporter = progress.TrainingProgress(label, self.config.steps, node_id, start=resume_state.step if resume_state else 0,
-                                             note=f"memory {setting}")
+                                             note=note)
         with host_training.training_model(self.model, self.trainable, self.weight_wrappers, self.module_wrappers,
                                           memory_settings.CHECKPOINTED[setting]) as (clone, device):
             predict = host_training.unet_predict(clone, self.prepared.conditionings, device)

@@ -127,3 +127,102 @@ def test_the_setting_is_named_in_the_log_and_status(host, loaded_sdxl, loras_dir
     with caplog.at_level(logging.INFO):
         train(host, loaded_sdxl, tiny_models.image_and_prompt(), steps=1)
     assert "memory auto: fastest" in caplog.text and notes == ["memory fastest"]
+
+
+def out_of_memory(host, monkeypatch, running_out=("fastest",), after_calls: int = 0) -> None:
+    """The GPU's out-of-memory error, which a CPU never raises, in every UNet call of a run with
+    a setting in ``running_out`` once ``after_calls`` of them have gone through; and a GPU with
+    40 GiB free, so that ``auto`` picks ``fastest``."""
+    host_training = host.pack("host.training")
+    real_predict = host_training.unet_predict
+    calls = {"n": 0}
+
+    def predict_running_out(clone, conditionings, device):
+        predict = real_predict(clone, conditionings, device)
+        setting = "8 GB" if replaced_forwards(clone) else "fastest"
+
+        def run(*args):
+            if setting in running_out:
+                calls["n"] += 1
+                if calls["n"] > after_calls:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return predict(*args)
+
+        return run
+
+    monkeypatch.setattr(host_training, "unet_predict", predict_running_out)
+    monkeypatch.setattr(host_training, "free_vram_gib", lambda: 40.0)
+
+
+def test_auto_goes_on_with_8_gb_when_fastest_runs_out_at_the_first_step(host, loaded_sdxl, loras_dir, monkeypatch,
+                                                                        caplog):
+    progress = host.pack("host.progress")
+    latents, positive = tiny_models.image_and_prompt()
+    train(host, loaded_sdxl, (latents, positive), steps=3, learning_rate=1e-2, name="oom/direct", memory="8 GB")
+    before = model_state(loaded_sdxl)
+    notes = []
+    real = progress.TrainingProgress.__init__
+    monkeypatch.setattr(progress.TrainingProgress, "__init__",
+                        lambda self, *args, **kwargs: notes.append(kwargs.get("note")) or real(self, *args, **kwargs))
+    out_of_memory(host, monkeypatch)
+    with caplog.at_level(logging.INFO):
+        train(host, loaded_sdxl, (latents, positive), steps=3, learning_rate=1e-2, name="oom/auto")
+    assert "memory auto: fastest" in caplog.text
+    assert "out of GPU memory with memory 'fastest'; going on with '8 GB'" in caplog.text
+    assert notes == ["memory fastest", "memory 8 GB (after running out with fastest)"]
+    direct, fallen_back = (load_file(str(loras_dir / f"oom/{name}.safetensors")) for name in ("direct", "auto"))
+    assert direct.keys() == fallen_back.keys()
+    for key, value in direct.items():
+        assert torch.equal(fallen_back[key], value), f"{key}: not trained from the same start"
+    assert not list((loras_dir / "oom").glob("*checkpoint*"))
+    assert_unchanged(loaded_sdxl, before)
+    assert replaced_forwards(loaded_sdxl) == []
+
+
+def test_auto_goes_on_from_the_checkpoint_when_fastest_runs_out_later(host, loaded_sdxl, loras_dir, monkeypatch,
+                                                                      caplog):
+    latents, positive = tiny_models.image_and_prompt()
+    train(host, loaded_sdxl, (latents, positive), steps=5, learning_rate=1e-2, name="oom/fastest", memory="fastest")
+    out_of_memory(host, monkeypatch, after_calls=2)
+    with caplog.at_level(logging.INFO):
+        train(host, loaded_sdxl, (latents, positive), steps=5, learning_rate=1e-2, name="oom/later")
+    assert "going on with '8 GB' from the checkpoint at step 2" in caplog.text
+    fastest, later = (load_file(str(loras_dir / f"oom/{name}.safetensors")) for name in ("fastest", "later"))
+    for key, value in fastest.items():  # 2 steps fastest + 3 steps 8 GB = 5 steps of either, to float tolerance
+        torch.testing.assert_close(later[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert not list((loras_dir / "oom").glob("*checkpoint*"))
+
+
+@pytest.mark.parametrize("memory, running_out, advice", [
+    ("fastest", ("fastest",), "with memory 'fastest' .*Set memory to '8 GB'"),
+    ("auto", ("fastest", "8 GB"), "with memory '8 GB' .*This is the smallest setting"),
+])
+def test_running_out_for_good_says_what_to_do(host, loaded_sdxl, loras_dir, monkeypatch, memory, running_out, advice):
+    """A setting chosen by hand is kept, with a clear error; under ``auto`` the error comes when
+    the smallest setting runs out too."""
+    before = model_state(loaded_sdxl)
+    out_of_memory(host, monkeypatch, running_out)
+    with pytest.raises(torch.OutOfMemoryError, match=advice) as raised:
+        train(host, loaded_sdxl, tiny_models.image_and_prompt(), steps=3, name="oom/chosen", memory=memory)
+    assert str(raised.value).startswith("Train B-LoRA: the GPU ran out of memory")
+    assert "Tried to allocate 2.00 GiB" in str(raised.value)
+    assert not (loras_dir / "oom" / "chosen.safetensors").exists()
+    assert_unchanged(loaded_sdxl, before)
+
+
+def test_unziplora_goes_on_with_8_gb_as_well(host, loaded_sdxl, loras_dir, monkeypatch):
+    latents, positive = tiny_models.image_and_prompt()
+    _, content = tiny_models.image_and_prompt(100)
+    _, style = tiny_models.image_and_prompt(200)
+
+    def unzip(name, memory="auto"):
+        host.run_node("UnZipLoRATrain", loaded_sdxl, latents, positive, content, style, 3, 1e-3, 1e-3, 5e-2, 4, 1, 0.25,
+                      0, name, "fp32", cone_threshold=5e-8, memory=memory)
+        return {role: load_file(str(loras_dir / f"{name}_{role}.safetensors")) for role in ("content", "style")}
+
+    direct = unzip("oom/unzip_direct", "8 GB")
+    out_of_memory(host, monkeypatch)
+    fallen_back = unzip("oom/unzip_auto")
+    for role, tensors in direct.items():
+        for key, value in tensors.items():
+            assert torch.equal(fallen_back[role][key], value), f"{role} {key}"

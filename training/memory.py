@@ -8,7 +8,8 @@
 ``PEAK_GIB`` is the whole training peak at 1024 x 1024 on the full-size SDXL UNet (resident
 weights included), counted by ``bench/memory_estimate.py`` on the meta device (BENCHMARKS.md);
 ``auto`` takes the fastest setting whose peak, plus a margin for the CUDA context and the
-allocator, fits the free VRAM at start.
+allocator, fits the free VRAM at start; the peaks are estimates, so if the GPU still runs out
+of memory, ``auto`` goes on with the next smaller setting (``smaller_after_oom``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 AUTO, FASTEST, EIGHT_GB = "auto", "fastest", "8 GB"
 SETTINGS = (AUTO, FASTEST, EIGHT_GB)
 CHECKPOINTED = {FASTEST: False, EIGHT_GB: True}
-"""Whether a (resolved) setting checkpoints the backward path."""
+"""Whether a (resolved) setting checkpoints the backward path; fastest first, smallest last."""
 
 PEAK_GIB = {
     "b-lora": {FASTEST: 9.24, EIGHT_GB: 6.23},
@@ -45,3 +46,20 @@ def resolve(setting: str, trainer: str, free_gib: float | None, pixels: int = 10
     needed = PEAK_GIB[trainer][EIGHT_GB] * scale + MARGIN_GIB
     return EIGHT_GB, (f"memory auto: 8 GB, the smallest setting (needs about {needed:.1f} GiB but only "
                       f"{free_gib:.1f} GiB are free: close other programs or lower the image size)")
+
+
+def smaller_after_oom(chosen: str, resolved: str) -> str | None:
+    """The setting to go on with when ``resolved`` ran out of GPU memory: the next smaller one,
+    only when the user left the choice to ``auto`` (a setting chosen by hand is kept, and the
+    error says what to pick instead)."""
+    order = list(CHECKPOINTED)
+    if chosen != AUTO or order.index(resolved) == len(order) - 1:
+        return None
+    return order[order.index(resolved) + 1]
+
+
+def out_of_memory_advice(resolved: str) -> str:
+    if resolved != EIGHT_GB:
+        return f"Set memory to '{EIGHT_GB}' (or 'auto', which moves to it by itself)."
+    return ("This is the smallest setting: close other programs using the GPU, or train on a smaller image; "
+            "a checkpoint of the last completed step is kept, so run again with resume on.")
