@@ -48,6 +48,11 @@ def trainable_patcher(model_patcher):
         yield model_patcher
         return
     cached = model_patcher.non_dynamic_delegate_model
+    if cached is None and getattr(model_patcher, "cached_patcher_init", None) is None:
+        raise ValueError("Training needs this model loaded without dynamic VRAM, which ComfyUI does by loading it "
+                         "again from its file, but the loader that made it did not say how (custom loaders often "
+                         "do not). Load it with a core loader (Load Checkpoint, Load Diffusion Model), or start "
+                         "ComfyUI with --disable-dynamic-vram.")
     try:
         yield model_patcher.get_non_dynamic_delegate()
     finally:

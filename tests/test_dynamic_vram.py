@@ -119,6 +119,20 @@ def test_a_delegate_the_host_already_built_is_used_and_kept(host, compat):
     assert built["n"] == 1 and model.non_dynamic_delegate_model is cached
 
 
+@pytest.mark.dynamic_vram
+def test_a_dynamic_model_the_host_cannot_load_again_gets_a_clear_error(host, loras_dir):
+    """A custom loader that registers no ``cached_patcher_init`` leaves the host no way to build
+    the delegate."""
+    model, built = dynamic_looking(host)
+    model.cached_patcher_init = None
+    before = model_state(model)
+    with pytest.raises(ValueError, match="loaded without dynamic VRAM.*--disable-dynamic-vram"):
+        train(host, model, tiny_models.image_and_prompt(), steps=2, name="b-lora/no_loader")
+    assert built["n"] == 0 and model.non_dynamic_delegate_model is None
+    assert not (loras_dir / "b-lora" / "no_loader.safetensors").exists()
+    assert_unchanged(model, before)
+
+
 def weights_both_ways(model_patcher) -> tuple[dict, dict]:
     """The patched weights as a plain load makes them (patched in place) and as a dynamic or
     lowvram load makes them (``LowVramPatch`` per layer, on the unpatched weight)."""
