@@ -266,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--output-dir", help="where images (and, with --tiny, LoRAs) go; $BLORA_OUTPUT_DIR wins")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--memory", choices=MEMORY_SETTINGS, default=MEMORY_SETTINGS[0],
-                        help="training memory: auto (the fastest that fits the free VRAM), fastest, or 8 GB "
+                        help="training memory: auto (the fastest that fits the free VRAM, 8 GB if that runs out), "
+                             "fastest, or 8 GB "
                              "(gradient checkpointing, for 1024 px on an 8 GB card)")
     common.add_argument("--size", type=int, default=1024, help="sample size in pixels")
     common.add_argument("--sample-steps", type=int, default=30)
