@@ -146,7 +146,9 @@ class TrainingRun:
         setting, why = memory_settings.resolve(self.memory, self.trainer, host_training.free_vram_gib(),
                                                self.prepared.samples.shape[-1] * self.prepared.samples.shape[-2] * 64)
         logging.info("%s: %s", label, why)
-        initial = None if resume_state else {name: value.detach().clone() for name, value in self.trainable.state_dict().items()}
+        can_fall_back = memory_settings.smaller_after_oom(self.memory, setting) is not None
+        initial = ({name: value.detach().clone() for name, value in self.trainable.state_dict().items()}
+                   if can_fall_back and resume_state is None else None)  # where a fallback would start again
         saved_steps, note = [], f"memory {setting}"
         while True:
             try:
