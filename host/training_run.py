@@ -158,8 +158,10 @@ class TrainingRun:
                 if smaller is None:
                     raise torch.OutOfMemoryError(f"{label}: the GPU ran out of memory with memory '{setting}' ({why}). "
                                                  f"{memory_settings.out_of_memory_advice(setting)} ({error})") from error
-            # Out of the handler, the failed attempt's frames and the GPU memory they held are gone.
+            # Out of the handler, the failed attempt's frames and the GPU memory they held are gone;
+            # other models make room too, as the host's own out-of-memory handling does.
             gc.collect()
+            comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
             logging.warning("%s: out of GPU memory with memory '%s'; going on with '%s'%s", label, setting, smaller,
                             f" from the checkpoint at step {saved_steps[-1]}" if saved_steps else "")
