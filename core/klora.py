@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 
 from . import sdxl_unet
-from .lora_format import LoraFormatError, LoraLayer, LoraWeights
+from .lora_format import LoraFormatError, LoraWeights
 from .step_lora import LowRankDelta, SamplingCall, StepListener
 
 PATTERNS = ("s*", "s")
@@ -133,13 +133,6 @@ def balance(ratios: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.inf
 
 
-def _delta(layer: LoraLayer, device) -> torch.Tensor:
-    """``scale * up @ down`` in float32 on ``device`` (the same operations as ``LoraLayer.delta``)."""
-    up = layer.up.float().flatten(1).to(device)
-    down = layer.down.float().flatten(1).to(device)
-    return layer.scale * (up @ down)
-
-
 @dataclass
 class Fusion:
     """What K-LoRA does with a pair of files, computed once."""
@@ -168,7 +161,7 @@ def plan_fusion(content: LoraWeights, style: LoraWeights, device: torch.device |
     ratios, top_k = [], {}
     for path in switched:
         c, s = content.layers[path], style.layers[path]
-        delta_c, delta_s = _delta(c, device), _delta(s, device)
+        delta_c, delta_s = c.delta(device), s.delta(device)
         sum_c, sum_s = float(delta_c.abs().sum()), float(delta_s.abs().sum())
         for what, total in (("content", sum_c), ("style", sum_s)):
             if not total > 0 or math.isinf(total):

@@ -80,10 +80,11 @@ class LoraLayer:
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
-    def delta(self) -> torch.Tensor:
-        """``scale * up @ down`` in float32, shaped like the weight it patches."""
-        up = self.up.float().flatten(1)
-        down = self.down.float().flatten(1)
+    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``scale * up @ down`` in float32, shaped like the weight it patches (computed on
+        ``device``, else where the factors are)."""
+        up = self.up.float().flatten(1).to(device)
+        down = self.down.float().flatten(1).to(device)
         return (self.scale * (up @ down)).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
