@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import library, loss_plot
+from . import files, library, loss_plot
 
 THUMBNAIL = 128
 CURVE_WIDTH = 384
@@ -113,8 +113,6 @@ def draw_contact_sheet(library_dir: Path, manifest: dict) -> Image.Image:
 
 def write_contact_sheet(library_dir: Path, manifest: dict) -> Path:
     """Saved beside the manifest, atomically."""
-    path = Path(library_dir) / library.CONTACT_SHEET
-    temporary = path.with_name(f".{path.name}.tmp")
-    draw_contact_sheet(library_dir, manifest).save(temporary, format="PNG")
-    temporary.replace(path)
-    return path
+    sheet = draw_contact_sheet(library_dir, manifest)
+    return files.write_atomic(Path(library_dir) / library.CONTACT_SHEET,
+                              lambda temporary: sheet.save(temporary, format="PNG"))

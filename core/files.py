@@ -5,21 +5,21 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
-def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | Path,
-                            metadata: dict[str, str] | None = None) -> Path:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(temporary)`` into a temporary file in ``path``'s folder, flushed to disk, then
+    renamed over ``path``: a reader never sees half a file, a crash leaves the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata=metadata)
+        write(Path(temporary))
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
@@ -27,6 +27,14 @@ def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | Pat
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    return write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 class UnsafeOutputPathError(ValueError):

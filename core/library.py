@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+
+from . import files
 
 DEFAULT_PROMPT = "A [v]"
 CAPTIONS_FILE = "captions.txt"
@@ -122,11 +122,7 @@ def write_thumbnail(image: Path, target: Path, side: int = 128) -> Path:
     with Image.open(image) as opened:
         thumbnail = opened.convert("RGB")
     thumbnail.thumbnail((side, side))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    thumbnail.save(temporary, format="PNG")
-    temporary.replace(target)
-    return target
+    return files.write_atomic(target, lambda temporary: thumbnail.save(temporary, format="PNG"))
 
 
 SETTING_KEYS = {"recipe": "blora.recipe", "steps": "blora.steps", "rank": "blora.rank",
@@ -190,19 +186,8 @@ def record_path(library: Path, entry: str) -> Path:
 
 
 def write_json_atomic(data, path: Path) -> Path:
-    """Written beside ``path`` and renamed over it: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, sort_keys=True)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return files.write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def read_record(library: Path, entry: str) -> dict | None:
