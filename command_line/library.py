@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from ..core import library
 from ..training import memory as memory_settings
-from ..training.recipes import RECIPES
+from ..training.recipes import PRECISIONS
+from . import training_options
 from .comfyui import PACK_ROOT
 from .runner import CommandLineError
 
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
     from .library_worker import ImageJob
 
 REQUIREMENTS = PACK_ROOT / "requirements-library.txt"
-RECIPE_NAMES = {"b-lora": "B-LoRA blocks (content + style)", "style": "all attention layers (style LoRA)"}
-"""As ``cli.py train --recipe``."""
-TINY_STEPS = 200
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 """A local instance: with clusters off, Ray binds and connects on 127.0.0.1 only; no usage report."""
 
@@ -147,9 +145,9 @@ def check_options(args) -> None:
 
 def settings_for(args, prompt: str, base_model_sha256: str) -> library.Settings:
     """What ``cli.py train`` would train with these options (the recipe's values where none is given)."""
-    recipe = RECIPES[RECIPE_NAMES[args.recipe]]
+    recipe = training_options.RECIPES[args.recipe]
     rank, learning_rate, _alpha = recipe.settings(args.rank or 0, args.learning_rate or 0.0)
-    steps = args.steps if args.steps is not None else (TINY_STEPS if args.tiny else recipe.steps)
+    steps = training_options.steps_for(args.steps, args.tiny, recipe)
     return library.Settings(recipe.name, steps, rank, learning_rate, args.seed, prompt, base_model_sha256)
 
 
@@ -169,7 +167,7 @@ def command_library_train(args) -> None:
         gpus = gpus_per_task(ray, args)
         print(run_description(ray, args.ray, gpus))
         setup = WorkerSetup(str(library_dir), args.comfyui, args.checkpoint, args.tiny, gpus == 0,
-                            RECIPE_NAMES[args.recipe], args.precision, args.memory, args.checkpoint_every)
+                            training_options.RECIPES[args.recipe].name, args.precision, args.memory, args.checkpoint_every)
         options = dict(num_cpus=1, num_gpus=gpus, max_retries=args.retries, max_calls=0)
         hashed = ray.get(ray.remote(**options)(base_model_sha256).remote(setup))
         if "error" in hashed:
@@ -195,6 +193,10 @@ def print_summary(library_dir: Path, manifest: dict, results: list[dict], kept: 
     print(f"trained {len(results) - len(failed)}, failed {len(failed)}, already in the library {kept}")
     for record in failed:
         print(f"failed: {record['image']}: {record['error']}")
+    print_index(library_dir, manifest)
+
+
+def print_index(library_dir: Path, manifest: dict) -> None:
     print(f"manifest: {library_dir / library.MANIFEST} ({manifest['counts']})")
     print(f"contact sheet: {library_dir / library.CONTACT_SHEET}")
 
@@ -259,9 +261,7 @@ def command_library_index(args) -> None:
     if not (library_dir / library.LORAS).is_dir() and not (library_dir / library.RECORDS).is_dir():
         raise CommandLineError(f"{library_dir} is not a library (no {library.LORAS}/ or {library.RECORDS}/ folder in "
                                "it); make one with: python cli.py library train --images DIR --out LIBRARY ...")
-    manifest = write_index(library_dir)
-    print(f"manifest: {library_dir / library.MANIFEST} ({manifest['counts']})")
-    print(f"contact sheet: {library_dir / library.CONTACT_SHEET}")
+    print_index(library_dir, write_index(library_dir))
 
 
 def add_parser(commands) -> None:
@@ -284,13 +284,13 @@ def add_parser(commands) -> None:
     train.add_argument("--gpus-per-task", type=float, help="GPUs each training takes (default: 1 if the cluster has "
                                                            "GPUs, else 0)")
     train.add_argument("--cpu", action="store_true", help="train on CPUs even where GPUs are present")
-    train.add_argument("--steps", type=int, help=f"default: the recipe's (with --tiny, {TINY_STEPS})")
-    train.add_argument("--recipe", choices=sorted(RECIPE_NAMES), default="b-lora",
+    train.add_argument("--steps", type=int, help=f"default: the recipe's (with --tiny, {training_options.TINY_STEPS})")
+    train.add_argument("--recipe", choices=sorted(training_options.RECIPES), default="b-lora",
                        help="b-lora: the two B-LoRA blocks (rank 64, lr 5e-5); style: all attention layers")
     train.add_argument("--rank", type=int, help="default: the recipe's")
     train.add_argument("--learning-rate", type=float, help="default: the recipe's")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    train.add_argument("--precision", choices=PRECISIONS, default="fp16")
     train.add_argument("--memory", choices=memory_settings.SETTINGS, default=memory_settings.AUTO,
                        help="training memory, as cli.py train --memory")
     train.add_argument("--checkpoint-every", type=int, default=100,

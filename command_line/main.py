@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
+from ..training.recipes import PRECISIONS
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
 from . import library as library_command
-from . import sample_image
+from . import sample_image, training_options
 from .runner import CommandLineError, node_definitions, run_prompt
 
 WORKFLOWS = PACK_ROOT / "workflows"
@@ -137,15 +138,10 @@ def existing_lora(value: str) -> str:
     return name
 
 
-RECIPE_NAMES = {"b-lora": "B-LoRA blocks (content + style)", "style": "all attention layers (style LoRA)"}
-
-
 def command_train(args) -> None:
-    from ..training.recipes import RECIPES
-
-    recipe = RECIPES[RECIPE_NAMES[args.recipe]]
+    recipe = training_options.RECIPES[args.recipe]
     session = Session(args)
-    steps = args.steps if args.steps is not None else (200 if args.tiny else recipe.steps)
+    steps = training_options.steps_for(args.steps, args.tiny, recipe)
     name = args.name or f"b-lora/{image_stem(args.image)}"
     session.graph.node("BLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
                        positive=session.text(args.prompt), steps=steps,
@@ -282,12 +278,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--prompt", default="A [v]")
     train.add_argument("--name", help="output name in the loras folder (default b-lora/<image name>)")
     train.add_argument("--steps", type=int)
-    train.add_argument("--recipe", choices=sorted(RECIPE_NAMES), default="b-lora",
+    train.add_argument("--recipe", choices=sorted(training_options.RECIPES), default="b-lora",
                        help="b-lora: the two B-LoRA blocks (rank 64, lr 5e-5); style: all attention layers, the "
                             "style-LoRA recipe (rank 8, alpha 16, lr 1e-5)")
     train.add_argument("--rank", type=int, help="default: the recipe's")
     train.add_argument("--learning-rate", type=float, help="default: the recipe's")
-    train.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    train.add_argument("--precision", choices=PRECISIONS, default="fp16")
     train.add_argument("--export-diffusers", action="store_true", help="also write the official diffusers format")
     train.set_defaults(run=command_train)
 
@@ -317,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
     unzip.add_argument("--name")
     unzip.add_argument("--steps", type=int)
     unzip.add_argument("--rank", type=int, default=64)
-    unzip.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    unzip.add_argument("--precision", choices=PRECISIONS, default="fp16")
     unzip.add_argument("--content", help="content LoRA (recombine)")
     unzip.add_argument("--style", help="style LoRA (recombine)")
     unzip.add_argument("--content-merger", default="none")

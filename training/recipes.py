@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from ..core import sdxl_unet
 
+PRECISIONS = ("fp16", "bf16", "fp32")
+"""What training computes in (``trainer.AUTOCAST_DTYPES``); fp16 is the papers'."""
+
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from .diffusion import denoising_loss, draw_batch
+from .recipes import PRECISIONS
 
-PRECISIONS = ("fp16", "bf16", "fp32")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
