@@ -114,7 +114,8 @@ def test_auto_picks_the_fastest_setting_that_fits(host):
         memory.resolve("16 GB", "b-lora", 8.0)
 
 
-def test_the_setting_is_named_in_the_log_and_status(host, loaded_sdxl, loras_dir, caplog, monkeypatch):
+def recorded_notes(host, monkeypatch) -> list:
+    """The ``note`` (memory setting) of every progress reporter training makes, in order."""
     progress = host.pack("host.progress")
     notes = []
     real = progress.TrainingProgress.__init__
@@ -124,6 +125,11 @@ def test_the_setting_is_named_in_the_log_and_status(host, loaded_sdxl, loras_dir
         real(self, *args, **kwargs)
 
     monkeypatch.setattr(progress.TrainingProgress, "__init__", recording)
+    return notes
+
+
+def test_the_setting_is_named_in_the_log_and_status(host, loaded_sdxl, loras_dir, caplog, monkeypatch):
+    notes = recorded_notes(host, monkeypatch)
     with caplog.at_level(logging.INFO):
         train(host, loaded_sdxl, tiny_models.image_and_prompt(), steps=1)
     assert "memory auto: fastest" in caplog.text and notes == ["memory fastest"]
@@ -156,14 +162,10 @@ def out_of_memory(host, monkeypatch, running_out=("fastest",), after_calls: int 
 
 def test_auto_goes_on_with_8_gb_when_fastest_runs_out_at_the_first_step(host, loaded_sdxl, loras_dir, monkeypatch,
                                                                         caplog):
-    progress = host.pack("host.progress")
     latents, positive = tiny_models.image_and_prompt()
     train(host, loaded_sdxl, (latents, positive), steps=3, learning_rate=1e-2, name="oom/direct", memory="8 GB")
     before = model_state(loaded_sdxl)
-    notes = []
-    real = progress.TrainingProgress.__init__
-    monkeypatch.setattr(progress.TrainingProgress, "__init__",
-                        lambda self, *args, **kwargs: notes.append(kwargs.get("note")) or real(self, *args, **kwargs))
+    notes = recorded_notes(host, monkeypatch)
     out_of_memory(host, monkeypatch)
     with caplog.at_level(logging.INFO):
         train(host, loaded_sdxl, (latents, positive), steps=3, learning_rate=1e-2, name="oom/auto")
