@@ -30,7 +30,8 @@ def is_dynamic(model_patcher) -> bool:
 
 @contextlib.contextmanager
 def trainable_patcher(model_patcher):
-    """The patcher whose module training may run on, while the context is open.
+    """``(patcher, disposable)``: the patcher whose module training may run on, while the
+    context is open, and whether that module is thrown away afterwards.
 
     A dynamic patcher streams each weight into a shared cast buffer per layer, so a frozen
     weight that autograd saves for backward can be overwritten before backward reads it, and
@@ -38,23 +39,30 @@ def trainable_patcher(model_patcher):
     the host's own non-dynamic delegate (``get_non_dynamic_delegate``: the mechanism the host
     itself falls back to for features dynamic loading lacks, carrying the user's patches).
 
-    The host would keep that delegate cached on the model, a second instance of its weights
-    in RAM for as long as the model stays loaded; a delegate built here is dropped from the
-    cache on exit instead (the host's garbage collection after the prompt frees it), so it
-    exists only while training runs. One the host had already built is used and left cached.
-    A plain patcher is yielded as it is.
+    Before the host reads that delegate from the checkpoint, the model and its clones are
+    unloaded (``unload_model_and_clones``, as the host does before its own reload from the
+    loader, ``deepclone_multigpu``), so the streaming buffers and pinned RAM copies of the same
+    weights are given back first. The host would keep the delegate cached on the model, a
+    second instance of its weights for as long as the model stays loaded; a delegate built here
+    is dropped from the cache on exit instead and is disposable: the caller lets go of it where
+    it is, without copying its weights back to RAM. One the host had already built is used,
+    left cached, and not disposable. A plain patcher is yielded as it is, not disposable.
     """
     if not is_dynamic(model_patcher):
-        yield model_patcher
+        yield model_patcher, False
         return
     cached = model_patcher.non_dynamic_delegate_model
-    if cached is None and getattr(model_patcher, "cached_patcher_init", None) is None:
-        raise ValueError("Training needs this model loaded without dynamic VRAM, which ComfyUI does by loading it "
-                         "again from its file, but the loader that made it did not say how (custom loaders often "
-                         "do not). Load it with a core loader (Load Checkpoint, Load Diffusion Model), or start "
-                         "ComfyUI with --disable-dynamic-vram.")
+    if cached is None:
+        if getattr(model_patcher, "cached_patcher_init", None) is None:
+            raise ValueError("Training needs this model loaded without dynamic VRAM, which ComfyUI does by loading "
+                             "it again from its file, but the loader that made it did not say how (custom loaders "
+                             "often do not). Load it with a core loader (Load Checkpoint, Load Diffusion Model), or "
+                             "start ComfyUI with --disable-dynamic-vram.")
+        import comfy.model_management
+
+        comfy.model_management.unload_model_and_clones(model_patcher)
     try:
-        yield model_patcher.get_non_dynamic_delegate()
+        yield model_patcher.get_non_dynamic_delegate(), cached is None
     finally:
         model_patcher.non_dynamic_delegate_model = cached
 

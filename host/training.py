@@ -132,10 +132,13 @@ def _thaw_inference_tensors(module: torch.nn.Module) -> int:
     return thawed
 
 
-def _unload(model_patcher) -> None:
+def _unload(model_patcher, disposable: bool) -> None:
+    """Takes ``model_patcher`` off the host's loaded models. A disposable one is only let go of:
+    its weights stay where they are and are freed with it, instead of first being copied to
+    the offload device (RAM) and unpatched, which only a module that lives on needs."""
     for loaded in list(comfy.model_management.current_loaded_models):
         if loaded.model is model_patcher:
-            loaded.model_unload()
+            loaded.model_unload(unpatch_weights=not disposable)
             comfy.model_management.current_loaded_models.remove(loaded)
 
 
@@ -152,10 +155,11 @@ def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | No
     ``checkpoint_backward_path`` every layer backward traverses recomputes its activations in
     backward (the ``8 GB`` memory setting). Yields
     ``(clone, device)``; on exit, success or not, the clone is unloaded (weights and modules
-    restored by the host), the wrappers are taken off and every grad flag is restored.
+    restored by the host; a disposable delegate is let go of where it is), the wrappers are taken
+    off and every grad flag is restored.
     """
     weight_wrappers = weight_wrappers or {}
-    with compat.trainable_patcher(model) as base:
+    with compat.trainable_patcher(model) as (base, disposable):
         clone = base.clone()
         for path, wrapper in weight_wrappers.items():
             clone.add_weight_wrapper(f"diffusion_model.{path}.weight", wrapper)
@@ -178,7 +182,7 @@ def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | No
                 with gradient_checkpointing.checkpointed(layers):
                     yield clone, device
         finally:
-            _unload(clone)
+            _unload(clone, disposable)
             for path, wrapper in weight_wrappers.items():
                 module = comfy.utils.get_attr(unet, path)
                 if any(f is wrapper for f in getattr(module, "weight_function", [])):

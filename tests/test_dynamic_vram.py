@@ -15,7 +15,6 @@ place: both must give identical weights.
 
 from __future__ import annotations
 
-import gc
 import types
 import weakref
 
@@ -29,14 +28,18 @@ from test_train_node import assert_unchanged, model_state, train
 
 def dynamic_looking(host, seed: int = 0):
     """A tiny SDXL (loaded under inference mode, as a checkpoint loader does) whose patcher answers
-    as a dynamic one, and a counter of how often the host rebuilt its non-dynamic delegate."""
+    as a dynamic one, and a record of the host's rebuilds of its non-dynamic delegate: how many,
+    weak references to them, and whether the model or a clone of it was loaded at the time."""
+    import comfy.model_management
     import comfy.model_patcher
 
-    built = {"n": 0, "models": []}
+    built = {"n": 0, "models": [], "model_was_loaded": []}
 
     def load_again(disable_dynamic=False):
         assert disable_dynamic, "the delegate must be built non-dynamic"
         built["n"] += 1
+        built["model_was_loaded"].append(any(loaded.model.clone_base_uuid == model.clone_base_uuid
+                                             for loaded in comfy.model_management.current_loaded_models))
         with torch.inference_mode():
             delegate = tiny_models.build_tiny_sdxl(seed)
         built["models"].append(weakref.ref(delegate.model))
@@ -58,8 +61,8 @@ def compat(host):
 
 
 def test_a_plain_patcher_trains_on_itself(compat, loaded_sdxl):
-    with compat.trainable_patcher(loaded_sdxl) as patcher:
-        assert patcher is loaded_sdxl
+    with compat.trainable_patcher(loaded_sdxl) as (patcher, disposable):
+        assert patcher is loaded_sdxl and not disposable
     assert not compat.is_dynamic(loaded_sdxl)
 
 
@@ -77,15 +80,18 @@ def test_dynamic_vram_exists_only_on_hosts_that_have_it(host, compat):
 
 @pytest.mark.dynamic_vram
 def test_training_a_dynamic_model_runs_on_a_delegate_that_lives_only_while_training(host, compat, loras_dir):
+    import comfy.model_management
     import comfy.model_patcher
     from safetensors.torch import load_file
 
     model, built = dynamic_looking(host)
-    with compat.trainable_patcher(model) as delegate:
+    comfy.model_management.load_models_gpu([model.clone()])  # as sampling with it, or with a LoRA on it, leaves it
+    with compat.trainable_patcher(model) as (delegate, disposable):
         assert type(delegate) is comfy.model_patcher.ModelPatcher and delegate.model is not model.model
-        assert model.non_dynamic_delegate_model is not None and built["n"] == 1
+        assert model.non_dynamic_delegate_model is not None and built["n"] == 1 and disposable
     del delegate
     assert model.non_dynamic_delegate_model is None, "the host's cache is left as it was"
+    assert built["model_was_loaded"] == [False], "the model and its clones are unloaded before the host loads it again"
 
     before = model_state(model)
     image_and_prompt = tiny_models.image_and_prompt()
@@ -93,7 +99,6 @@ def test_training_a_dynamic_model_runs_on_a_delegate_that_lives_only_while_train
     train(host, model, image_and_prompt, steps=3, name="b-lora/dynamic_again")
     assert built["n"] == 3, "each run builds its own delegate"
     assert model.non_dynamic_delegate_model is None
-    gc.collect()
     assert not [ref for ref in built["models"] if ref() is not None], "a delegate outlived its training run"
     assert_unchanged(model, before)
 
@@ -106,6 +111,28 @@ def test_training_a_dynamic_model_runs_on_a_delegate_that_lives_only_while_train
     for key, value in trained["plain"].items():
         assert torch.equal(trained["dynamic"][key], value), key
         assert torch.equal(trained["dynamic_again"][key], value), key
+
+
+@pytest.mark.dynamic_vram
+def test_a_delegate_is_let_go_of_where_it_is_not_copied_back_to_ram(host, loras_dir):
+    """Unloading a model copies its weights to the offload device (RAM on a GPU machine) and
+    restores them; a delegate thrown away right after needs neither. On the CPU load and offload
+    device are the same, so the test makes the offload device ``meta``, where such a copy shows."""
+    import comfy.model_management
+
+    model, built = dynamic_looking(host)
+    comfy.model_management.unload_model_and_clones(model)
+    model.offload_device = torch.device("meta")
+    load_again, delegates = model.cached_patcher_init[0], []
+
+    def load_again_and_keep(disable_dynamic=False):
+        delegates.append(load_again(disable_dynamic))
+        return delegates[-1]
+
+    model.cached_patcher_init = (load_again_and_keep, ())
+    train(host, model, tiny_models.image_and_prompt(), steps=2, name="b-lora/let_go")
+    assert built["n"] == 1
+    assert {p.device.type for p in delegates[0].model.diffusion_model.parameters()} == {"cpu"}
 
 
 @pytest.mark.dynamic_vram
