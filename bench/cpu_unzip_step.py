@@ -3,8 +3,10 @@
 Both sides run the same masked, overlap-penalised period step of UnZipLoRA (two rank-64 LoRAs,
 mergers and column masks on every attention projection) on the same tiny SDXL-architecture UNet:
 the pack on ComfyUI (object-patched layers, its trainer), the reference on diffusers' UNet with
-forward hooks, written from the method's equations (devkit/unziplora_reference.py). Rounds
-alternate; the median step time of each is reported with the ratio pack / reference.
+forward hooks, written from the method's equations (devkit/unziplora_reference.py). The pack
+runs as ``fastest`` (``pack``) and as the node's ``memory`` = ``8 GB`` (``pack-8gb``: gradient
+checkpointing of every layer backward runs through). Rounds alternate; the median step time of
+each side is reported with the ratios.
 
     python -m bench.cpu_unzip_step [--size 16] [--steps 12] [--rounds 3]
 """
@@ -57,23 +59,34 @@ def main() -> None:
     y_inputs = {"text_embeds": positive[0][1]["pooled_output"],
                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])}
 
-    samples = {"pack": [], "reference": []}
     wrappers = unziplora.module_wrappers(layers, contexts, settings)
-    with host_training.training_model(model, method.modules, module_wrappers=wrappers) as (clone, device):
-        predict = host_training.unet_predict(clone, conditionings, device)
-        schedule = host_training.noise_schedule(clone)
-        for _ in range(args.rounds):
-            times = []
-            trainer.train(method.modules, predict, x0, schedule,
-                          trainer.TrainConfig(steps=args.steps + 2, learning_rate=5e-5),
-                          trainer.TrainingHooks(on_step=lambda s, t, l, seconds: times.append(seconds)), method=method)
-            samples["pack"] += times[2:]
-            draws = [diffusion.draw_step(0, s, 1, x0.shape) for s in range(args.steps)]
-            start = time.perf_counter()
-            reference.train(x0, draws, y_inputs, positive[0][0], args.steps)
-            samples["reference"].append((time.perf_counter() - start) / args.steps)
-    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32", "")
 
+    def pack_side(checkpoint_backward_path: bool):
+        def run() -> list[float]:
+            times = []
+            with host_training.training_model(model, method.modules, module_wrappers=wrappers,
+                                              checkpoint_backward_path=checkpoint_backward_path) as (clone, device):
+                predict = host_training.unet_predict(clone, conditionings, device)
+                trainer.train(method.modules, predict, x0, host_training.noise_schedule(clone),
+                              trainer.TrainConfig(steps=args.steps + 2, learning_rate=5e-5),
+                              trainer.TrainingHooks(on_step=lambda s, t, l, seconds: times.append(seconds)),
+                              method=method)
+            return times[2:]  # the first steps of a round warm caches up
+
+        return run
+
+    def reference_side() -> list[float]:
+        draws = [diffusion.draw_step(0, s, 1, x0.shape) for s in range(args.steps)]
+        start = time.perf_counter()
+        reference.train(x0, draws, y_inputs, positive[0][0], args.steps)
+        return [(time.perf_counter() - start) / args.steps]
+
+    sides = {"pack": pack_side(False), "pack-8gb": pack_side(True), "reference": reference_side}
+    samples = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, run in sides.items():
+            samples[name] += run()
+    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32", "")
 
 if __name__ == "__main__":
     main()

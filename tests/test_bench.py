@@ -38,6 +38,8 @@ def run_bench(script: str, *arguments: str) -> str:
 def test_cpu_benchmarks_print_their_ratio(host, script, arguments):
     output = run_bench(script, *arguments)
     assert "ratio pack/reference:" in output and "machine:" in output
+    if script == "cpu_unzip_step.py":
+        assert "pack-8gb:" in output and "ratio pack-8gb/pack:" in output, "the 8 GB setting's side"
 
 
 def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
