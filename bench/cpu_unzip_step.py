@@ -88,5 +88,6 @@ def main() -> None:
             samples[name] += run()
     report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32", "")
 
+
 if __name__ == "__main__":
     main()

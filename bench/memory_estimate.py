@@ -8,8 +8,8 @@ backward (with gradient checkpointing: each checkpointed layer's inputs, plus th
 while it is recomputed; a frozen weight a product saves is the resident weight itself, not
 counted twice), and the LoRA with its gradients and AdamW moments. Short-lived buffers and the
 CUDA context are not counted. A test runs the same count on the tiny UNet on the CPU and
-compares it with the bytes a real run (real gradient checkpointing) keeps alive. What a GPU would do that the meta device does not is
-imitated:
+compares it with the bytes a real run (real gradient checkpointing) keeps alive. What a GPU
+would do that the meta device does not is imitated:
 
 - fp16 autocast: matrix products and convolutions take fp16 inputs, norms and the loss fp32
   (autocast's own lists), so saved tensors have the dtypes they would have on the GPU;

@@ -16,6 +16,6 @@ def print_ratio(samples: dict[str, list[float]], setup: str, goal: str = "") -> 
     for name, value in median.items():
         print(f"{name:>9}: {value * 1000:8.1f} ms/step (median)")
     print(f"ratio pack/reference: {median['pack'] / median['reference']:.3f}" + (f"  ({goal})" if goal else ""))
-    for name in median.keys() - {"pack", "reference"}:
+    for name in [name for name in median if name not in ("pack", "reference")]:
         print(f"ratio {name}/pack: {median[name] / median['pack']:.3f}, {name}/reference: "
               f"{median[name] / median['reference']:.3f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 
+import comfy.model_management
 import comfy.model_patcher
 
 HAS_DYNAMIC_VRAM = hasattr(comfy.model_patcher, "ModelPatcherDynamic")
@@ -58,8 +59,6 @@ def trainable_patcher(model_patcher):
                              "it again from its file, but the loader that made it did not say how (custom loaders "
                              "often do not). Load it with a core loader (Load Checkpoint, Load Diffusion Model), or "
                              "start ComfyUI with --disable-dynamic-vram.")
-        import comfy.model_management
-
         comfy.model_management.unload_model_and_clones(model_patcher)
     try:
         yield model_patcher.get_non_dynamic_delegate(), cached is None
