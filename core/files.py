@@ -1,40 +1,91 @@
-"""Writing files so that a crash or Cancel never leaves a half-written one behind."""
+"""Writing files so that a crash or Cancel never leaves a half-written one behind.
+
+Every file the pack writes (LoRAs, checkpoints, library records, manifest, thumbnails, contact
+sheet) goes through :func:`write_atomic`: written to a hidden temporary file beside it, flushed
+to disk, renamed over the target. The temporary file is created as ``open()`` creates a file, so
+a new file gets the mode the process umask gives (0644 under umask 022) and a replaced file keeps
+the mode it had.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
 
+TEMPORARY_SUFFIX = ".tmp"
+RANDOM_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+RANDOM_LENGTH = 8
+"""The random part of a temporary name: ``tempfile.mkstemp``'s alphabet and length, which
+earlier versions of the pack used, so their leftovers are recognised too."""
+CAN_RENAME_OPEN_FILES = os.name != "nt"
+
+
+def temporary_name(name: str, random_part: str) -> str:
+    return f".{name}.{random_part}{TEMPORARY_SUFFIX}"
+
+
+def open_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty temporary file beside ``path``: ``(descriptor, its path)``. Made as
+    ``open()`` makes files (mode 0666 less the umask); when ``path`` exists, with its mode."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        random_part = "".join(secrets.choice(RANDOM_CHARACTERS) for _ in range(RANDOM_LENGTH))
+        temporary = path.with_name(temporary_name(path.name, random_part))
+        try:
+            handle = os.open(temporary, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        existing = os.stat(path)
+    except OSError:
+        existing = None
+    if existing is not None and stat.S_ISREG(existing.st_mode):
+        os.chmod(temporary, stat.S_IMODE(existing.st_mode))
+    return handle, temporary
+
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(temporary)`` into a temporary file in ``path``'s folder, flushed to disk, then
-    renamed over ``path``: a reader never sees half a file, a crash leaves the old one."""
+    renamed over ``path``: a reader never sees half a file, a crash leaves the old one.
+    ``write`` must write into the path it is given (not replace it with another file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    handle, temporary = open_temporary(path)
     try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
+        write(temporary)
+        os.fsync(handle)
+        if not CAN_RENAME_OPEN_FILES:
+            os.close(handle)
+            handle = None
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        if handle is not None:
+            os.close(handle)
+            handle = None
+        temporary.unlink(missing_ok=True)
         raise
+    finally:
+        if handle is not None:
+            os.close(handle)
     return path
 
 
 def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
+    """A safetensors file written through :func:`write_atomic`. The bytes are made in memory and
+    written by the pack: safetensors' own ``save_file`` writes its own temporary file (mode 0600,
+    left behind under a name of its own when the process is killed) and renames it over the path."""
+    from safetensors.torch import save
 
-    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
-    return write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+    data = save({key: value.detach().contiguous().cpu() for key, value in state_dict.items()}, metadata=metadata)
+    return write_atomic(path, lambda temporary: temporary.write_bytes(data))
 
 
 class UnsafeOutputPathError(ValueError):
