@@ -4,16 +4,23 @@ Every file the pack writes (LoRAs, checkpoints, library records, manifest, thumb
 sheet) goes through :func:`write_atomic`: written to a hidden temporary file beside it, flushed
 to disk, renamed over the target. The temporary file is created as ``open()`` creates a file, so
 a new file gets the mode the process umask gives (0644 under umask 022) and a replaced file keeps
-the mode it had.
+the mode it had. A save killed half-way leaves its temporary file behind; the next save of the
+same name removes it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: an open file cannot be removed, which protects it instead
+    fcntl = None
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +37,14 @@ def temporary_name(name: str, random_part: str) -> str:
     return f".{name}.{random_part}{TEMPORARY_SUFFIX}"
 
 
+def is_temporary_of(candidate: str, name: str) -> bool:
+    """Whether ``candidate`` is a temporary name :func:`write_atomic` makes for ``name``."""
+    pattern = re.escape(temporary_name(name, "@")).replace("@", f"[{RANDOM_CHARACTERS}]{{{RANDOM_LENGTH}}}")
+    return re.fullmatch(pattern, candidate) is not None
+
+
 def open_temporary(path: Path) -> tuple[int, Path]:
-    """A new, empty temporary file beside ``path``: ``(descriptor, its path)``. Made as
+    """A new, empty, locked temporary file beside ``path``: ``(descriptor, its path)``. Made as
     ``open()`` makes files (mode 0666 less the umask); when ``path`` exists, with its mode."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     while True:
@@ -48,7 +61,47 @@ def open_temporary(path: Path) -> tuple[int, Path]:
         existing = None
     if existing is not None and stat.S_ISREG(existing.st_mode):
         os.chmod(temporary, stat.S_IMODE(existing.st_mode))
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without locks: its temporaries then never look abandoned
+            pass
     return handle, temporary
+
+
+def is_abandoned(temporary: Path) -> bool:
+    """Whether no running save holds ``temporary``: a save holds a lock on its temporary file
+    until it is renamed, and the lock dies with the process."""
+    if fcntl is None:
+        return True  # Windows refuses to remove a file a running save has open
+    try:
+        handle = os.open(temporary, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(handle)
+
+
+def remove_abandoned_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` that killed saves left (its exact temporary-name
+    pattern, regular files, no running save holding them); nothing else. Returns them."""
+    removed = []
+    with os.scandir(path.parent) as entries:
+        candidates = [Path(entry.path) for entry in entries
+                      if is_temporary_of(entry.name, path.name) and entry.is_file(follow_symlinks=False)]
+    for candidate in candidates:
+        if is_abandoned(candidate):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except OSError:
+                pass
+    return removed
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -57,6 +110,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     ``write`` must write into the path it is given (not replace it with another file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(path)
     handle, temporary = open_temporary(path)
     try:
         write(temporary)

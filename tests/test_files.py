@@ -1,13 +1,18 @@
 """Every file the pack writes, written the way the pack promises (host-free):
 
 - with the mode ``open()`` gives under the process umask (tested under 022 and 077), a replaced
-  file keeping its own; LoRAs, checkpoints, records, the manifest, thumbnails and the contact sheet.
+  file keeping its own; LoRAs, checkpoints, records, the manifest, thumbnails and the contact sheet;
+- a save killed half-way leaves a temporary file that the next save of the same name removes,
+  and nothing else: not other names' temporaries, not look-alikes, not one a running save holds.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from safetensors.torch import load_file
 from blora_pack.core import contact_sheet, files, library
 from blora_pack.training import checkpoint
 from blora_pack.training.trainer import TrainingState
+from devkit import PACK_ROOT
 
 
 def mode_of(path) -> int:
@@ -68,6 +74,56 @@ def test_a_replaced_file_holds_the_new_bytes(tmp_path):
     files.write_atomic(target, lambda temporary: temporary.write_text("old"))
     files.write_atomic(target, lambda temporary: temporary.write_text("new"))
     assert target.read_text() == "new"
+
+
+def run_python(code: str, wrapper: tuple[str, ...] = (), **options) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python started from the pack's folder, with ``files`` imported."""
+    prelude = "import json, os, signal, sys\nfrom pathlib import Path\nimport devkit\nfrom blora_pack.core import files\n"
+    return subprocess.run([*wrapper, sys.executable, "-c", prelude + code], cwd=PACK_ROOT, text=True, timeout=120,
+                          **options)
+
+
+def test_the_next_save_removes_what_a_killed_save_left_and_nothing_else(tmp_path):
+    target = tmp_path / "cup.safetensors"
+    killed = run_python(f"files.write_atomic({str(target)!r}, lambda temporary: (temporary.write_bytes(b'half a fi'), "
+                        "os.kill(os.getpid(), signal.SIGKILL)))", capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and files.is_temporary_of(left[0], target.name), left
+    assert (tmp_path / left[0]).read_bytes() == b"half a fi"
+
+    decoys = [".other.safetensors.abcd1234.tmp",  # another file's temporary
+              ".cup.safetensors.abc1234.tmp", ".cup.safetensors.abcd12345.tmp",  # 7 and 9 random characters
+              ".cup.safetensors.ABCD1234.tmp", ".cup.safetensors.abcd-234.tmp",  # characters mkstemp never uses
+              "cup.safetensors.abcd1234.tmp", ".cup.safetensors.abcd1234.tmp.bak", ".cup.safetensors.abcd1234.TMP",
+              ".xcup.safetensors.abcd1234.tmp", ".cup.safetensorsXabcd1234.tmp", "cup_checkpoint.safetensors"]
+    for name in decoys:
+        (tmp_path / name).write_bytes(b"keep me")
+    (tmp_path / ".cup.safetensors.dir12345.tmp").mkdir()  # the pattern, but a folder
+    (tmp_path / ".cup.safetensors.link1234.tmp").symlink_to(tmp_path / "cup_checkpoint.safetensors")  # and a link
+
+    running = subprocess.Popen([sys.executable, "-c", (
+        "import sys, devkit\nfrom blora_pack.core import files\n"
+        f"files.write_atomic({str(target)!r}, lambda temporary: (temporary.write_bytes(b'slow save'), print('writing', "
+        "flush=True), sys.stdin.readline()))")], cwd=PACK_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert running.stdout.readline() == "writing\n"
+        in_progress = [p.name for p in tmp_path.iterdir() if files.is_temporary_of(p.name, target.name)
+                       and p.is_file() and not p.is_symlink() and p.name != left[0]]
+        assert len(in_progress) == 1
+
+        files.write_atomic(target, lambda temporary: temporary.write_bytes(b"whole file"))
+        assert target.read_bytes() == b"whole file"
+        assert not (tmp_path / left[0]).exists(), "the killed save's temporary file is removed"
+        assert (tmp_path / in_progress[0]).read_bytes() == b"slow save", "a running save's file is kept"
+        for name in decoys:
+            assert (tmp_path / name).read_bytes() == b"keep me", name
+        assert (tmp_path / ".cup.safetensors.dir12345.tmp").is_dir()
+        assert (tmp_path / ".cup.safetensors.link1234.tmp").is_symlink()
+    finally:
+        running.communicate("\n", timeout=60)
+    assert running.returncode == 0
+    assert target.read_bytes() == b"slow save", "the running save finished normally"
 
 
 def test_a_file_the_pack_saves_is_read_back_as_written(tmp_path):
