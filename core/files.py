@@ -1,18 +1,22 @@
-"""Writing files so that a crash or Cancel never leaves a half-written one behind.
+"""Writing files so that a crash or Cancel never leaves a half-written one behind, and so that
+what goes wrong says which file and why.
 
 Every file the pack writes (LoRAs, checkpoints, library records, manifest, thumbnails, contact
 sheet) goes through :func:`write_atomic`: written to a hidden temporary file beside it, flushed
 to disk, renamed over the target. The temporary file is created as ``open()`` creates a file, so
 a new file gets the mode the process umask gives (0644 under umask 022) and a replaced file keeps
 the mode it had. A save killed half-way leaves its temporary file behind; the next save of the
-same name removes it.
+same name removes it. Before a long training, :func:`check_can_write` proves that its files can
+be written at all.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import shutil
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -30,7 +34,21 @@ RANDOM_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 RANDOM_LENGTH = 8
 """The random part of a temporary name: ``tempfile.mkstemp``'s alphabet and length, which
 earlier versions of the pack used, so their leftovers are recognised too."""
+TEMPORARY_NAME_EXTRA = len(f"..{'x' * RANDOM_LENGTH}{TEMPORARY_SUFFIX}")
+"""How many characters longer than the file's own name its temporary name is (14)."""
 CAN_RENAME_OPEN_FILES = os.name != "nt"
+UNWRITABLE_CODES = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EISDIR,
+                    getattr(errno, "EDQUOT", errno.ENOSPC)}
+"""The operating system's refusals that have a cause a user can act on."""
+
+
+class OutputNotWritableError(OSError):
+    """A file the pack must write cannot be written: the message names the folder or file, the
+    cause in plain words and what to do; ``errno`` is the operating system's code."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
 
 
 def temporary_name(name: str, random_part: str) -> str:
@@ -104,30 +122,41 @@ def remove_abandoned_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[Path], None], bytes_needed: int | None = None) -> Path:
     """``write(temporary)`` into a temporary file in ``path``'s folder, flushed to disk, then
     renamed over ``path``: a reader never sees half a file, a crash leaves the old one.
-    ``write`` must write into the path it is given (not replace it with another file)."""
+
+    ``write`` must write into the path it is given (not replace it with another file). A full
+    disk, a read-only or forbidden folder or a name too long raise :class:`OutputNotWritableError`
+    saying which file and why (``bytes_needed``, when known, is the size it says the file needs)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temporaries(path)
-    handle, temporary = open_temporary(path)
     try:
-        write(temporary)
-        os.fsync(handle)
-        if not CAN_RENAME_OPEN_FILES:
-            os.close(handle)
-            handle = None
-        os.replace(temporary, path)
-    except BaseException:
-        if handle is not None:
-            os.close(handle)
-            handle = None
-        temporary.unlink(missing_ok=True)
-        raise
-    finally:
-        if handle is not None:
-            os.close(handle)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temporaries(path)
+        handle, temporary = open_temporary(path)
+        try:
+            write(temporary)
+            os.fsync(handle)
+            if not CAN_RENAME_OPEN_FILES:
+                os.close(handle)
+                handle = None
+            os.replace(temporary, path)
+        except BaseException:
+            if handle is not None:
+                os.close(handle)
+                handle = None
+            temporary.unlink(missing_ok=True)
+            raise
+        finally:
+            if handle is not None:
+                os.close(handle)
+    except OSError as error:
+        if isinstance(error, OutputNotWritableError) or error.errno not in UNWRITABLE_CODES:
+            raise
+        needs = f"this file needs {size_text(bytes_needed)}" if bytes_needed else None
+        raise OutputNotWritableError(
+            f"Could not save {path}: {unwritable_reason(error.errno, path.parent, path.name, needs)}",
+            error.errno) from error
     return path
 
 
@@ -139,7 +168,103 @@ def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str | Pat
     from safetensors.torch import save
 
     data = save({key: value.detach().contiguous().cpu() for key, value in state_dict.items()}, metadata=metadata)
-    return write_atomic(path, lambda temporary: temporary.write_bytes(data))
+    return write_atomic(path, lambda temporary: temporary.write_bytes(data), len(data))
+
+
+def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """About how many bytes a safetensors file of ``state_dict`` takes (a little more, never
+    less): the tensors' bytes plus a generous header."""
+    data = sum(value.numel() * value.element_size() for value in state_dict.values())
+    header = sum(len(key) + 100 for key in state_dict) + sum(len(k) + len(v) + 10 for k, v in (metadata or {}).items())
+    return data + header + 4096
+
+
+def check_can_write(folder: str | Path, file_names: list[str], bytes_needed: int) -> Path:
+    """Prove, before any long work, that ``file_names`` can be written into ``folder`` (made if
+    missing): a temporary file with the longest temporary name :func:`write_atomic` will use is
+    created and removed, no name is taken by a folder, and the disk has ``bytes_needed`` free.
+    Raises :class:`OutputNotWritableError` naming the folder, the cause and what to do."""
+    folder = Path(folder)
+    needs = f"{size_text(bytes_needed)} needed"
+    longest = max(file_names, key=lambda name: len(os.fsencode(name)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = open_temporary(folder / longest)
+        os.close(handle)
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        if error.errno not in UNWRITABLE_CODES:
+            raise
+        raise OutputNotWritableError(f"Cannot write files in {folder}: "
+                                     f"{unwritable_reason(error.errno, folder, longest, needs)}",
+                                     error.errno) from error
+    in_the_way = next((name for name in file_names if (folder / name).is_dir()), None)
+    code, name = (errno.EISDIR, in_the_way) if in_the_way else (errno.ENOSPC, longest)
+    if in_the_way or free < bytes_needed:
+        raise OutputNotWritableError(f"Cannot write files in {folder}: "
+                                     f"{unwritable_reason(code, folder, name, needs, free)}", code)
+    return folder
+
+
+def unwritable_reason(code: int, folder: Path, name: str, needs: str | None = None, free: int | None = None) -> str:
+    """Why a file ``name`` cannot be written in ``folder``, in plain words, and what to do
+    (``needs``: how much space is needed, as the message should say it)."""
+    if code == errno.ENAMETOOLONG:
+        return name_too_long(folder, name)
+    if code == errno.EISDIR:
+        return f"a folder has the name {name!r}. Rename or remove that folder, or choose another name."
+    if code == errno.EROFS:
+        return ("the folder is on a read-only file system. Choose a folder on a writable disk, or make "
+                "the disk writable (remount it read-write).")
+    if code in (errno.EACCES, errno.EPERM):
+        return ("permission denied: this process may not create files there. Give the user ComfyUI runs as "
+                "write permission on the folder, or choose another folder.")
+    if free is None:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+    quota = code == getattr(errno, "EDQUOT", None)
+    what = f"your disk quota on the disk holding {folder} is used up" if quota else \
+        f"the disk holding {folder} is full"
+    numbers = ", ".join(filter(None, [f"{size_text(free)} free" if free is not None else "", needs]))
+    return f"{what}{': ' + numbers if numbers else ''}. Free some space there, or choose a folder on another disk."
+
+
+def name_too_long(folder: Path, name: str) -> str:
+    """Which name is too long (a folder's, or the file's while it has its temporary name) and by
+    how much."""
+    limit = name_limit(folder)
+    temporary = temporary_name(name, "x" * RANDOM_LENGTH)
+    for part in [*folder.parts, temporary]:
+        length = len(os.fsencode(part))
+        if limit is not None and length <= limit:
+            continue
+        unit = "characters" if part.isascii() else "bytes"
+        allowed = f"this file system allows at most {limit}: shorten it by at least {length - limit}" \
+            if limit is not None else "more than this file system allows: shorten it"
+        if part != temporary:
+            return f"the folder name {part!r} is too long ({length} {unit}); {allowed}."
+        return (f"the name {name!r} is too long. While it is written it has a temporary name "
+                f"{TEMPORARY_NAME_EXTRA} characters longer ({length} {unit}); {allowed}.")
+    return f"the path {folder / name} is too long for this file system: choose a shorter name or folder."
+
+
+def name_limit(folder: Path) -> int | None:
+    """The longest name the file system holding ``folder`` (or its nearest existing parent) allows."""
+    existing = next((path for path in [folder, *folder.parents] if os.path.exists(path)), None)
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def size_text(size: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}" if size < 10 * factor else f"{size / factor:.0f} {unit}"
+    return f"{size / 1e3:.0f} kB"
 
 
 class UnsafeOutputPathError(ValueError):
