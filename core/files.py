@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import stat
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -268,12 +269,19 @@ def size_text(size: int) -> str:
 
 
 class UnsafeOutputPathError(ValueError):
-    """An output name that would write outside its folder."""
+    """An output name that would write outside its folder, or that no file can have."""
 
 
 def path_inside(root: str | Path, name: str, suffix: str = ".safetensors") -> Path:
     """``root/name`` (with ``suffix`` added if missing), refusing names that leave ``root``:
-    absolute paths, drive letters, ``..`` parts, or links that resolve elsewhere."""
+    absolute paths, drive letters, ``..`` parts, or links that resolve elsewhere; and names with
+    control characters (a NUL, a line break, a tab), which no file name should hold."""
+    control = next((character for character in name if unicodedata.category(character) == "Cc"), None)
+    if control is not None:
+        raise UnsafeOutputPathError(
+            f"Output name {name!r} contains the control character {control!r} at position {name.index(control)}; "
+            "a file name cannot hold it. Type the name again with letters, digits, spaces, '-', '_' and '/' for "
+            "subfolders.")
     cleaned = name.strip().replace("\\", "/")
     parts = [part for part in cleaned.split("/") if part not in ("", ".")]
     if not parts or cleaned.startswith("/") or ":" in parts[0] or ".." in parts:

@@ -8,7 +8,8 @@
   later says which file and why: a name too long for its temporary name, a read-only file
   system, a folder the process may not write to, a full disk. These are real conditions: a
   tmpfs mounted small or read-only in a private mount namespace (``unshare``), a folder of mode
-  0555 (for root, whose privileges ignore modes, in a process that drops them with ``setpriv``).
+  0555 (for root, whose privileges ignore modes, in a process that drops them with ``setpriv``);
+- output names with control characters are refused with the pack's message.
 """
 
 from __future__ import annotations
@@ -269,3 +270,19 @@ def test_a_file_the_pack_saves_is_read_back_as_written(tmp_path):
     assert all(torch.equal(loaded[key], value) for key, value in tensors.items()) and loaded.keys() == tensors.keys()
     assert library.read_metadata(path) == {"k": "v"}
     assert path.stat().st_size <= files.safetensors_bytes(tensors, {"k": "v"})
+
+
+@pytest.mark.parametrize("name, shown", [("b-lora/my\x00cat", r"'\x00' at position 9"),
+                                         ("b-lora/my\ncat", r"'\n' at position 9"),
+                                         ("my\tcat", r"'\t' at position 2"),
+                                         ("cat\x7f", r"'\x7f' at position 3"),
+                                         ("cat\x85", r"'\x85' at position 3")])
+def test_names_with_control_characters_are_refused_clearly(tmp_path, name, shown):
+    with pytest.raises(files.UnsafeOutputPathError) as refused:
+        files.path_inside(tmp_path, name)
+    assert f"contains the control character {shown}; a file name cannot hold it. Type the name again" in \
+        str(refused.value)
+
+
+def test_ordinary_names_still_pass(tmp_path):
+    assert files.path_inside(tmp_path, "b-lora/my cat é") == tmp_path.resolve() / "b-lora" / "my cat é.safetensors"
