@@ -1,8 +1,10 @@
 """A real ComfyUI server on loopback with this pack and the tiny test fixtures, and a client.
 
-The server runs ComfyUI's own ``main.py --cpu`` in a subprocess; custom nodes come from a
-temporary custom_nodes folder holding links to this pack and to tests/fixture_nodes, declared
-through an extra_model_paths file, which also points the loras folder at a temporary one.
+The server runs ComfyUI's own ``main.py --cpu`` in a subprocess with a temporary folder as its
+base directory: custom nodes come from its custom_nodes folder, holding links to this pack and to
+tests/fixture_nodes, never from the host's own (where a user's install has this pack and others);
+models, inputs, outputs, user files and the database are there too, and an extra_model_paths
+file points the loras folder at a temporary one. Nothing is written into the host's folders.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_
     for folder in ("loras", "output", "input", "user", "temp"):
         (workdir / folder).mkdir()
     config = workdir / "extra_model_paths.yaml"
-    config.write_text(f"blora_tests:\n  base_path: {workdir}\n  custom_nodes: custom_nodes\n  loras: loras\n  is_default: true\n")
+    config.write_text(f"blora_tests:\n  base_path: {workdir}\n  loras: loras\n  is_default: true\n")
     port = free_port()
     log = open(workdir / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--use-pytorch-cross-attention", "--disable-api-nodes", "--extra-model-paths-config", str(config),
+         "--base-directory", str(workdir), "--database-url", f"sqlite:///{workdir / 'comfyui.db'}",
          "--output-directory", str(workdir / "output"), "--input-directory", str(workdir / "input"),
          "--user-directory", str(workdir / "user"), "--temp-directory", str(workdir / "temp")],
         cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from devkit import PACK_ROOT
 from devkit import server as server_harness
 from devkit.host import COMFYUI_PATH
 
@@ -55,3 +56,15 @@ def test_front_end_script_and_recipe_defaults_are_served(server):
     recipes = server_harness.get_json(url, "/blora/recipes")
     assert recipes["all attention layers (style LoRA)"] == {"rank": 8, "learning_rate": 1e-5, "alpha": 0.0, "steps": 1000}
     assert recipes["B-LoRA blocks (content + style)"]["rank"] == 64
+
+
+def test_the_pack_loaded_twice_into_one_server_is_harmless(host, tmp_path):
+    """Two copies in one server's custom_nodes (a user's second clone, or a folder linked beside
+    the installed pack): both load, the server starts, the routes answer once."""
+    workdir = tmp_path / "server"
+    with server_harness.comfy_server(COMFYUI_PATH, workdir, extra_packs=(PACK_ROOT,)) as url:
+        assert server_harness.get_json(url, "/blora/recipes")["B-LoRA blocks (content + style)"]["rank"] == 64
+        assert server_harness.get_json(url, "/object_info/BLoRATrain")["BLoRATrain"]["display_name"] == "Train B-LoRA"
+    log = (workdir / "server.log").read_text()
+    for folder in (server_harness.PACK_FOLDER_NAME, PACK_ROOT.name):
+        assert f"seconds: {workdir / 'custom_nodes' / folder}\n" in log, f"{folder} was not loaded:\n{log[-3000:]}"
