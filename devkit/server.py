@@ -86,35 +86,63 @@ def get_json(url: str, path: str):
 def run_prompt(url: str, prompt: dict, timeout: float = 300.0) -> tuple[dict, list[dict]]:
     """Queue an API-format prompt, collect every websocket message until it finishes; returns
     the history entry and the messages (JSON ones only)."""
+    with client(url, timeout) as (ws, client_id):
+        prompt_id = queue_prompt(url, prompt, client_id)
+        messages = receive_until(ws, lambda message: is_end_of(message, prompt_id), timeout)
+    return get_json(url, f"/history/{prompt_id}").get(prompt_id, {}), messages
+
+
+@contextlib.contextmanager
+def client(url: str, timeout: float = 300.0):
+    """A websocket connected to the server as one client: ``(websocket, client id)``."""
     import websocket
 
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://{url.removeprefix('http://')}/ws?clientId={client_id}", timeout=timeout)
     try:
-        body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
-        request = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-        try:
-            prompt_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["prompt_id"]
-        except urllib.error.HTTPError as error:
-            raise AssertionError(f"prompt refused: {error.read().decode()}") from error
-        messages = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            frame = ws.recv()
-            if not isinstance(frame, str):
-                continue
-            message = json.loads(frame)
-            messages.append(message)
-            data = message.get("data", {})
-            if message["type"] in ("execution_error", "execution_interrupted") and data.get("prompt_id") == prompt_id:
-                break
-            if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                break
-        else:
-            raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+        yield ws, client_id
     finally:
         ws.close()
-    return get_json(url, f"/history/{prompt_id}").get(prompt_id, {}), messages
+
+
+def queue_prompt(url: str, prompt: dict, client_id: str) -> str:
+    """Put an API-format prompt in the server's queue; its prompt id."""
+    body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
+    request = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        return json.loads(urllib.request.urlopen(request, timeout=30).read())["prompt_id"]
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"prompt refused: {error.read().decode()}") from error
+
+
+def receive_until(ws, last, timeout: float = 300.0) -> list[dict]:
+    """The JSON messages the websocket receives, up to and including the first for which
+    ``last(message)`` is true."""
+    messages = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = ws.recv()
+        if not isinstance(frame, str):
+            continue
+        messages.append(json.loads(frame))
+        if last(messages[-1]):
+            return messages
+    raise TimeoutError(f"no message ended the wait in {timeout} s (last: {messages[-1:]})")
+
+
+def is_end_of(message: dict, prompt_id: str) -> bool:
+    """Whether ``message`` says the prompt finished: an error, Cancel, or the end of its run."""
+    data = message.get("data", {})
+    if data.get("prompt_id") != prompt_id:
+        return False
+    return message["type"] in ("execution_error", "execution_interrupted") or (
+        message["type"] == "executing" and data.get("node") is None)
+
+
+def post(url: str, path: str, data: dict | None = None) -> None:
+    request = urllib.request.Request(url + path, data=json.dumps(data or {}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).read()
 
 
 def ipadapter_pack() -> Path | None:
