@@ -13,6 +13,7 @@ safetensors file in its metadata, so that the file's tensors stay a plain LoRA e
 from __future__ import annotations
 
 import base64
+import binascii
 from pathlib import Path
 
 import torch
@@ -61,12 +62,31 @@ def mergers_to_metadata(mergers: dict[str, torch.Tensor]) -> str:
     return base64.b64encode(save_safetensors_bytes({p: m.float().contiguous() for p, m in mergers.items()})).decode()
 
 
-def mergers_from_metadata(metadata: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    """The mergers a pack-trained file carries, or None."""
+def mergers_from_metadata(metadata: dict[str, str], source: str = "the LoRA file") -> dict[str, torch.Tensor] | None:
+    """The mergers a pack-trained file carries, or None; damaged ones are refused, naming
+    ``source`` (the file) and the metadata key."""
     encoded = metadata.get(MERGERS_METADATA_KEY)
     if not encoded:
         return None
-    return load_safetensors_bytes(base64.b64decode(encoded))
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except binascii.Error as error:
+        raise damaged_mergers(source, f"not base64 text ({error})") from error
+    try:
+        mergers = load_safetensors_bytes(data)
+    except Exception as error:  # safetensors' own SafetensorError, which it does not export by name
+        raise damaged_mergers(source, f"not safetensors data ({type(error).__name__}: {error})") from error
+    for path, merger in mergers.items():
+        if merger.ndim != 1:
+            raise damaged_mergers(source, f"the one for {path} has shape {tuple(merger.shape)}; a merger is one "
+                                          "vector per layer")
+    return mergers
+
+
+def damaged_mergers(source: str, what: str) -> LoraFormatError:
+    return LoraFormatError(f"{source}: the merger vectors in its metadata ({MERGERS_METADATA_KEY!r}) are damaged: "
+                           f"{what}. Train the pair again, or give its merger files (content_merger / style_merger) "
+                           "instead.")
 
 
 def scale_rows(weights: LoraWeights, mergers: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWeights:

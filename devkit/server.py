@@ -1,8 +1,10 @@
 """A real ComfyUI server on loopback with this pack and the tiny test fixtures, and a client.
 
-The server runs ComfyUI's own ``main.py --cpu`` in a subprocess; custom nodes come from a
-temporary custom_nodes folder holding links to this pack and to tests/fixture_nodes, declared
-through an extra_model_paths file, which also points the loras folder at a temporary one.
+The server runs ComfyUI's own ``main.py --cpu`` in a subprocess with a temporary folder as its
+base directory: custom nodes come from its custom_nodes folder, holding links to this pack and to
+tests/fixture_nodes, never from the host's own (where a user's install has this pack and others);
+models, inputs, outputs, user files and the database are there too, and an extra_model_paths
+file points the loras folder at a temporary one. Nothing is written into the host's folders.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_
     for folder in ("loras", "output", "input", "user", "temp"):
         (workdir / folder).mkdir()
     config = workdir / "extra_model_paths.yaml"
-    config.write_text(f"blora_tests:\n  base_path: {workdir}\n  custom_nodes: custom_nodes\n  loras: loras\n  is_default: true\n")
+    config.write_text(f"blora_tests:\n  base_path: {workdir}\n  loras: loras\n  is_default: true\n")
     port = free_port()
     log = open(workdir / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--use-pytorch-cross-attention", "--disable-api-nodes", "--extra-model-paths-config", str(config),
+         "--base-directory", str(workdir), "--database-url", f"sqlite:///{workdir / 'comfyui.db'}",
          "--output-directory", str(workdir / "output"), "--input-directory", str(workdir / "input"),
          "--user-directory", str(workdir / "user"), "--temp-directory", str(workdir / "temp")],
         cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -83,35 +86,63 @@ def get_json(url: str, path: str):
 def run_prompt(url: str, prompt: dict, timeout: float = 300.0) -> tuple[dict, list[dict]]:
     """Queue an API-format prompt, collect every websocket message until it finishes; returns
     the history entry and the messages (JSON ones only)."""
+    with client(url, timeout) as (ws, client_id):
+        prompt_id = queue_prompt(url, prompt, client_id)
+        messages = receive_until(ws, lambda message: is_end_of(message, prompt_id), timeout)
+    return get_json(url, f"/history/{prompt_id}").get(prompt_id, {}), messages
+
+
+@contextlib.contextmanager
+def client(url: str, timeout: float = 300.0):
+    """A websocket connected to the server as one client: ``(websocket, client id)``."""
     import websocket
 
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://{url.removeprefix('http://')}/ws?clientId={client_id}", timeout=timeout)
     try:
-        body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
-        request = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-        try:
-            prompt_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["prompt_id"]
-        except urllib.error.HTTPError as error:
-            raise AssertionError(f"prompt refused: {error.read().decode()}") from error
-        messages = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            frame = ws.recv()
-            if not isinstance(frame, str):
-                continue
-            message = json.loads(frame)
-            messages.append(message)
-            data = message.get("data", {})
-            if message["type"] in ("execution_error", "execution_interrupted") and data.get("prompt_id") == prompt_id:
-                break
-            if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                break
-        else:
-            raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+        yield ws, client_id
     finally:
         ws.close()
-    return get_json(url, f"/history/{prompt_id}").get(prompt_id, {}), messages
+
+
+def queue_prompt(url: str, prompt: dict, client_id: str) -> str:
+    """Put an API-format prompt in the server's queue; its prompt id."""
+    body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
+    request = urllib.request.Request(url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        return json.loads(urllib.request.urlopen(request, timeout=30).read())["prompt_id"]
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"prompt refused: {error.read().decode()}") from error
+
+
+def receive_until(ws, last, timeout: float = 300.0) -> list[dict]:
+    """The JSON messages the websocket receives, up to and including the first for which
+    ``last(message)`` is true."""
+    messages = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = ws.recv()
+        if not isinstance(frame, str):
+            continue
+        messages.append(json.loads(frame))
+        if last(messages[-1]):
+            return messages
+    raise TimeoutError(f"no message ended the wait in {timeout} s (last: {messages[-1:]})")
+
+
+def is_end_of(message: dict, prompt_id: str) -> bool:
+    """Whether ``message`` says the prompt finished: an error, Cancel, or the end of its run."""
+    data = message.get("data", {})
+    if data.get("prompt_id") != prompt_id:
+        return False
+    return message["type"] in ("execution_error", "execution_interrupted") or (
+        message["type"] == "executing" and data.get("node") is None)
+
+
+def post(url: str, path: str, data: dict | None = None) -> None:
+    request = urllib.request.Request(url + path, data=json.dumps(data or {}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).read()
 
 
 def ipadapter_pack() -> Path | None:

@@ -14,7 +14,17 @@ def recipe_defaults() -> dict:
             for name, recipe in recipes.RECIPES.items()}
 
 
+RECIPES_PATH = "/blora/recipes"
+
+
+async def get_recipes(request):
+    return web.json_response(recipe_defaults())
+
+
 def register() -> None:
+    """Add the routes to the running server's table, once: a second copy of the pack loaded into
+    the same server (two folders in custom_nodes) finds them there, and adding them again would
+    make the server refuse its whole table at start."""
     try:
         from server import PromptServer
     except ImportError:
@@ -22,7 +32,9 @@ def register() -> None:
     server = getattr(PromptServer, "instance", None)
     if server is None:  # imported as a library (tests, the command line): no server to serve from
         return
+    add_routes(server.routes)
 
-    @server.routes.get("/blora/recipes")
-    async def get_recipes(request):
-        return web.json_response(recipe_defaults())
+
+def add_routes(routes: web.RouteTableDef) -> None:
+    if not any(isinstance(route, web.RouteDef) and route.path == RECIPES_PATH for route in routes):
+        routes.get(RECIPES_PATH)(get_recipes)

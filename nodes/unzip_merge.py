@@ -14,11 +14,11 @@ CATEGORY = "B-LoRA"
 NO_MERGER = "none"
 
 
-def _merger_for(weights, merger_name: str):
+def _merger_for(weights, merger_name: str, lora_name: str):
     """The merger file's vectors, else the ones the LoRA file carries, else None (m = 1)."""
     if merger_name and merger_name != NO_MERGER:
         return column_masks.read_merger_file(host_model.lora_file_path(merger_name))
-    return column_masks.mergers_from_metadata(weights.metadata)
+    return column_masks.mergers_from_metadata(weights.metadata, lora_name)
 
 
 class UnZipColumnMaskMerge(io.ComfyNode):
@@ -82,10 +82,10 @@ class UnZipColumnMaskMerge(io.ComfyNode):
                 untrained_masks: bool = False, content_lora_file: str = "", style_lora_file: str = "",
                 content_positive=None, style_positive=None) -> io.NodeOutput:
         host_model.require_sdxl(model, "UnZip Column Mask Merge")
-        content = host_model.read_lora(content_lora_file or content_lora)
-        style = host_model.read_lora(style_lora_file or style_lora)
-        merger_c = _merger_for(content, content_merger)
-        merger_s = _merger_for(style, style_merger)
+        content_name, style_name = content_lora_file or content_lora, style_lora_file or style_lora
+        content, style = host_model.read_lora(content_name), host_model.read_lora(style_name)
+        merger_c = _merger_for(content, content_merger, content_name)
+        merger_s = _merger_for(style, style_merger, style_name)
         if untrained_masks:
             if merger_c is not None or merger_s is not None:
                 logging.info("UnZip Column Mask Merge: mergers given, untrained masks not used.")

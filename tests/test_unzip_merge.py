@@ -3,6 +3,7 @@ artifacts as they are, pack-trained files with their mergers, cross-image use, b
 
 from __future__ import annotations
 
+import base64
 import pickle
 
 import pytest
@@ -99,6 +100,31 @@ def test_mergers_inside_a_pack_file_are_used(host, tiny_sdxl, loras_dir):
     assert_weights(tiny_models.patched_unet_weights(output),
                    expected_weights(before, [(run["content"][0], run["content"][1], 1.0),
                                              (run["style"][0], run["style"][1], 0.5)]))
+
+
+@pytest.mark.parametrize("damage, cause", [
+    (lambda column_masks, mergers: "not base64 at all!", "are damaged: not base64 text ("),
+    (lambda column_masks, mergers: base64.b64encode(b"12345678 no safetensors header").decode(),
+     "are damaged: not safetensors data (SafetensorError: "),
+    (lambda column_masks, mergers: column_masks.mergers_to_metadata({p: torch.stack([m, m], 1) for p, m in mergers.items()}),
+     ", 2); a merger is one vector per layer."),
+])
+def test_damaged_mergers_inside_a_pack_file_are_refused_naming_the_file(host, tiny_sdxl, loras_dir, damage, cause):
+    column_masks = host.pack("core.column_masks")
+    lora_format = host.pack("core.lora_format")
+    run = official_run(loras_dir, "damaged", tiny_models.unet_weights(tiny_sdxl), seed=5)
+    layers, mergers = run["style"]
+    weights = lora_format.read_lora_state_dict(lora_namings.write_naming(layers, "official"))
+    save_file(lora_format.to_kohya_state_dict(weights), str(loras_dir / "damaged_style.safetensors"),
+              {column_masks.MERGERS_METADATA_KEY: damage(column_masks, mergers)})
+    with pytest.raises(ValueError) as refused:
+        host.run_node(MERGE, tiny_sdxl, "damaged_content/pytorch_lora_weights.safetensors",
+                      "damaged_style.safetensors", 1.0, 1.0)
+    message = str(refused.value)
+    assert type(refused.value).__name__ == "LoraFormatError", message
+    assert message.startswith("damaged_style.safetensors: the merger vectors in its metadata ('unziplora.mergers') are "
+                              "damaged: "), message
+    assert cause in message and "Train the pair again, or give its merger files" in message, message
 
 
 def test_a_merger_file_with_objects_is_refused(host, tiny_sdxl, loras_dir):
