@@ -23,17 +23,17 @@ from devkit import tiny_models
 
 
 def pack_runner(host, model, latents, positive, rank, steps):
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     trainer = host.pack("training.trainer")
     adapter_set = host.pack("training.lora_adapters")
-    adapters = adapter_set.LoraAdapterSet(host_training.target_shapes(model, recipes.B_LORA), rank, None)
+    adapters = adapter_set.LoraAdapterSet(host_training.target_shapes(model, sdxl.B_LORA.layers), rank, None)
     adapters.reset(0)
     x0 = host_training.training_latents(model, latents)
     conditionings = host_training.conditioning_per_image(model, positive, 1)
 
     def run():
-        with host_training.training_model(model, adapters, dict(adapters.items())) as (clone, device):
+        with host_training.training_model(model, adapters, adapters.weight_wrappers()) as (clone, device):
             predict = host_training.unet_predict(clone, conditionings, device)
             times = []
             trainer.train(adapters, predict, x0, host_training.noise_schedule(clone),
@@ -48,12 +48,12 @@ def reference_runner(host, model, latents, positive, rank, steps):
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     sdxl_unet = host.pack("core.sdxl_unet")
     unet = tiny_models.diffusers_unet_from(model)
     unet.requires_grad_(False)  # as the official script, before adding the LoRA layers
-    targets = [sdxl_unet.ldm_to_diffusers(p) for p in host_training.target_shapes(model, recipes.B_LORA)]
+    targets = [sdxl_unet.ldm_to_diffusers(p) for p in host_training.target_shapes(model, sdxl.B_LORA.layers)]
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)

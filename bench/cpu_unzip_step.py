@@ -32,7 +32,7 @@ def main() -> None:
     host = bench_host.start_found_host()
     from devkit import unziplora_reference as fidelity
 
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     diffusion = host.pack("training.diffusion")
     trainer = host.pack("training.trainer")
@@ -45,9 +45,9 @@ def main() -> None:
     _, style_prompt = tiny_models.image_and_prompt(200)
     contexts = {"content": content_prompt[0][0], "style": style_prompt[0][0]}
     settings = unziplora.UnZipConfig(sample_times=1, column_ratio=0.1, cone_threshold=fidelity.THRESHOLD)
-    shapes = host_training.target_shapes(model, recipes.ALL_ATTENTION)
+    shapes = host_training.target_shapes(model, sdxl.ALL_ATTENTION)
     layers = unziplora.make_layers(shapes, 64, settings, 0)
-    initial = {p: {k: v.detach().clone() for k, v in l.named_parameters()} for p, l in layers.items()}
+    initial = fidelity.initial_parameters(layers)
     steps_planned = 10_000
     method = unziplora.UnZipMethod(layers, steps_planned, 5e-5, settings)
     x0 = host_training.training_latents(model, latents)

@@ -197,12 +197,12 @@ def adam_fused(trainer, fused: bool):
 
 def pack_runner(setup: Setup, host, model, variant: PackVariant):
     """``run(n)``: n steps of the pack's own loop, as "Train B-LoRA" runs them, with ``variant``'s change."""
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     trainer = host.pack("training.trainer")
     adapter_set = host.pack("training.lora_adapters")
     latents, positive = inputs(setup)
-    adapters = adapter_set.LoraAdapterSet(host_training.target_shapes(model, recipes.B_LORA), RANK, None)
+    adapters = adapter_set.LoraAdapterSet(host_training.target_shapes(model, sdxl.B_LORA.layers), RANK, None)
     adapters.reset(0)
     x0 = host_training.training_latents(model, latents)
     conditionings = host_training.conditioning_per_image(model, positive, 1)
@@ -213,7 +213,7 @@ def pack_runner(setup: Setup, host, model, variant: PackVariant):
     def run(n):
         with contextlib.ExitStack() as stack:
             checkpointed = host.pack("training.memory").CHECKPOINTED[variant.memory]
-            clone, device = stack.enter_context(host_training.training_model(model, adapters, dict(adapters.items()),
+            clone, device = stack.enter_context(host_training.training_model(model, adapters, adapters.weight_wrappers(),
                                                                              checkpoint_backward_path=checkpointed))
             stack.enter_context(attention_function(variant.attention))
             stack.enter_context(adam_fused(trainer, variant.fused_adam))
@@ -295,13 +295,13 @@ class ReferenceRecipe:
         from diffusers import DDPMScheduler
         from peft import LoraConfig
 
-        recipes = host.pack("training.recipes")
+        sdxl = host.pack("methods.sdxl")
         host_training = host.pack("host.training")
         sdxl_unet = host.pack("core.sdxl_unet")
         self.setup = setup
         self.unet = diffusers_unet(setup, model).requires_grad_(False)
         self.unet.enable_gradient_checkpointing()
-        targets = [sdxl_unet.ldm_to_diffusers(path) for path in host_training.target_shapes(model, recipes.B_LORA)]
+        targets = [sdxl_unet.ldm_to_diffusers(path) for path in host_training.target_shapes(model, sdxl.B_LORA.layers)]
         self.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets))
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         for param in self.params:

@@ -1,8 +1,9 @@
-"""GPU memory of one training step at 1024 x 1024, made without a GPU, for each trainer (B-LoRA,
-UnZipLoRA) and memory setting (``fastest``, ``8 GB``).
+"""GPU memory of one training step at 1024 x 1024, made without a GPU, for each method that
+trains (B-LoRA, the style recipe, UnZipLoRA: every registry record with a recipe) and memory
+setting (``fastest``, ``8 GB``).
 
-Runs the pack's training forward (ComfyUI's full-size SDXL UNet, the trainer's LoRA as the pack
-applies it, rank 64) on PyTorch's ``meta`` device, where tensors have shapes and dtypes but no
+Runs the pack's training forward (ComfyUI's full-size SDXL UNet, the method's LoRA as the pack
+applies it, at the recipe's rank) on PyTorch's ``meta`` device, where tensors have shapes and dtypes but no
 memory, and adds up the whole peak: the resident fp16 weights, the bytes autograd keeps for
 backward (with gradient checkpointing: each checkpointed layer's inputs, plus the largest layer
 while it is recomputed; a frozen weight a product saves is the resident weight itself, not
@@ -161,26 +162,30 @@ def held_for_backward(forward, checkpointed_layers, counted_elsewhere: set[int])
     return {"held": held, "largest_layer": count.largest_layer}
 
 
-def build_trainer(host, trainer: str, unet, context_dim: int, device: torch.device, lora_product=None):
-    """The trainer's LoRA on ``unet``, as the pack applies it; returns (trainable, trained paths).
-    ``lora_product(up, down)`` replaces B-LoRA's product (the meta run turns its autocast off there)."""
+def build_trainer(host, method_key: str, unet, context_dim: int, device: torch.device, lora_product=None):
+    """The method's LoRA on ``unet``, as the pack applies it, at its recipe's rank; returns
+    (trainable, trained paths). ``lora_product(up, down)`` replaces a plain LoRA's product (the
+    meta run turns its autocast off there)."""
     import comfy.utils
 
-    recipes = host.pack("training.recipes")
+    methods = host.pack("methods")
+    layer_sets = host.pack("core.layer_sets")
+    method = methods.by_key(method_key)
+    rank, _, alpha = method.recipe.resolved()
     weights = dict(unet.named_parameters())
     paths = [name[:-len(".weight")] for name in weights if name.endswith(".weight")]
-    recipe = recipes.B_LORA if trainer == "b-lora" else recipes.UNZIPLORA
-    shapes = {path: tuple(weights[f"{path}.weight"].shape) for path in recipe.targets(paths)}
-    if trainer == "b-lora":
-        adapters = host.pack("training.lora_adapters").LoraAdapterSet(shapes, gpu_train_step.RANK, None).to(device)
+    shapes = {path: tuple(weights[f"{path}.weight"].shape) for path in layer_sets.select(method.layers, paths)}
+    if method_key != "unziplora":
+        lora_adapters = host.pack("training.lora_adapters")
+        adapters = lora_adapters.LoraAdapterSet(shapes, rank, alpha).to(device)
         for path, adapter in adapters.items():
             if lora_product is not None:
-                adapter.delta = (lambda a: lambda: lora_product(a.up, a.down))(adapter)
-            comfy.utils.get_attr(unet, path).weight_function = [adapter]
+                adapter.delta = (lambda a: lambda *args, **kwargs: lora_product(a.up, a.down))(adapter)
+            comfy.utils.get_attr(unet, path).weight_function = [lora_adapters.WeightDelta(adapter)]
         return adapters, list(shapes)
     unziplora = host.pack("training.unziplora")
     settings = unziplora.UnZipConfig()
-    layers = {path: layer.to(device) for path, layer in unziplora.make_layers(shapes, gpu_train_step.RANK, settings, 0).items()}
+    layers = {path: layer.to(device) for path, layer in unziplora.make_layers(shapes, rank, settings, 0).items()}
     dtype = next(unet.parameters()).dtype
     contexts = {role: torch.zeros(1, 77, context_dim, device=device, dtype=dtype) for role in unziplora.ROLES}
     for path, wrap in unziplora.module_wrappers(layers, contexts, settings).items():
@@ -199,8 +204,8 @@ def fp32_product(up, down):
         AUTOCAST.enabled = True
 
 
-def estimate(host, setup, trainer: str, setting: str) -> dict:
-    """One training step's peak (GiB) for ``trainer`` under memory ``setting``, resident weights included."""
+def estimate(host, setup, method_key: str, setting: str) -> dict:
+    """One training step's peak (GiB) for a method under memory ``setting``, resident weights included."""
     import comfy.ldm.modules.attention as attention
     import comfy.supported_models
 
@@ -212,7 +217,7 @@ def estimate(host, setup, trainer: str, setting: str) -> dict:
         unet = config.get_model({}, device=torch.device("meta")).diffusion_model
     unet.requires_grad_(False)
     resident = sum(p.numel() * p.element_size() for p in unet.parameters())
-    trainable, trained = build_trainer(host, trainer, unet, setup.context_dim, torch.device("meta"), fp32_product)
+    trainable, trained = build_trainer(host, method_key, unet, setup.context_dim, torch.device("meta"), fp32_product)
     attention.optimized_attention = attention.optimized_attention_masked = flash_like_attention
 
     latent = torch.empty(1, 4, setup.latent, setup.latent, device="meta")
@@ -230,7 +235,7 @@ def estimate(host, setup, trainer: str, setting: str) -> dict:
     saved = held["held"] + held["largest_layer"]
     optimizer_state = 4 * sum(p.numel() for p in trainable.parameters()) * 4  # fp32 weights, grads, 2 moments
     gib = 2**30
-    return {"trainer": trainer, "memory": setting, "resolution": setup.latent * 8,
+    return {"method": method_key, "memory": setting, "resolution": setup.latent * 8,
             "peak_gib": round((resident + saved + optimizer_state) / gib, 2),
             "resident_weights_gib": round(resident / gib, 2),
             "saved_for_backward_gib": round(saved / gib, 2), "lora_and_optimizer_gib": round(optimizer_state / gib, 2),
@@ -243,18 +248,19 @@ GOALS_GIB = {("b-lora", "8 GB"): 7.0, ("b-lora", "fastest"): 12.0, ("unziplora",
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write one record per trainer and setting here")
+    parser.add_argument("--json", type=Path, help="write one record per method and setting here")
     args = parser.parse_args(argv)
     setup = gpu_train_step.Setup(torch.device("cpu"), "full")  # sizes only: the tensors go to "meta"
     host = bench_host.start_found_host()
     memory = host.pack("training.memory")
-    records = [estimate(host, setup, trainer, setting)
-               for trainer in memory.PEAK_GIB for setting in memory.CHECKPOINTED]
-    print("| trainer | memory | peak at 1024 px (GiB) | resident fp16 UNet | saved for backward | LoRA + AdamW | goal |")
+    methods = host.pack("methods")
+    records = [estimate(host, setup, method.key, setting)
+               for method in methods.METHODS if method.recipe is not None for setting in memory.CHECKPOINTED]
+    print("| method | memory | peak at 1024 px (GiB) | resident fp16 UNet | saved for backward | LoRA + AdamW | goal |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
-        goal = GOALS_GIB.get((r["trainer"], r["memory"]))
-        print(f"| {r['trainer']} ({r['trained_layers']} layers) | {r['memory']} | {r['peak_gib']:.2f} | "
+        goal = GOALS_GIB.get((r["method"], r["memory"]))
+        print(f"| {r['method']} ({r['trained_layers']} layers) | {r['memory']} | {r['peak_gib']:.2f} | "
               f"{r['resident_weights_gib']:.2f} | {r['saved_for_backward_gib']:.2f} | {r['lora_and_optimizer_gib']:.2f} | "
               + (f"<= {goal} {'met' if r['peak_gib'] <= goal else 'MISSED'}" if goal else "") + " |")
     if args.json:

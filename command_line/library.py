@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core import library
+from . import library_files as library
 from ..training import memory as memory_settings
-from ..training.recipes import PRECISIONS
 from . import training_options
 from .comfyui import PACK_ROOT
 from .runner import CommandLineError
@@ -145,8 +144,8 @@ def check_options(args) -> None:
 
 def settings_for(args, prompt: str, base_model_sha256: str) -> library.Settings:
     """What ``cli.py train`` would train with these options (the recipe's values where none is given)."""
-    recipe = training_options.RECIPES[args.recipe]
-    rank, learning_rate, _alpha = recipe.settings(args.rank or 0, args.learning_rate or 0.0)
+    recipe = training_options.RECIPES[args.recipe].recipe
+    rank, learning_rate, _alpha = recipe.resolved(args.rank or 0, args.learning_rate or 0.0)
     steps = training_options.steps_for(args.steps, args.tiny, recipe)
     return library.Settings(recipe.name, steps, rank, learning_rate, args.seed, prompt, base_model_sha256)
 
@@ -167,7 +166,7 @@ def command_library_train(args) -> None:
         gpus = gpus_per_task(ray, args)
         print(run_description(ray, args.ray, gpus))
         setup = WorkerSetup(str(library_dir), args.comfyui, args.checkpoint, args.tiny, gpus == 0,
-                            training_options.RECIPES[args.recipe].name, args.precision, args.memory, args.checkpoint_every)
+                            training_options.RECIPES[args.recipe].recipe.name, args.precision, args.memory, args.checkpoint_every)
         options = dict(num_cpus=1, num_gpus=gpus, max_retries=args.retries, max_calls=0)
         hashed = ray.get(ray.remote(**options)(base_model_sha256).remote(setup))
         if "error" in hashed:
@@ -248,7 +247,7 @@ def record_failure(library_dir: Path, job: ImageJob, error: str) -> dict:
 
 
 def write_index(library_dir: Path) -> dict:
-    from ..core import contact_sheet
+    from . import contact_sheet
 
     manifest = library.build_manifest(library_dir)
     library.write_manifest(library_dir, manifest)
@@ -284,13 +283,9 @@ def add_parser(commands) -> None:
     train.add_argument("--gpus-per-task", type=float, help="GPUs each training takes (default: 1 if the cluster has "
                                                            "GPUs, else 0)")
     train.add_argument("--cpu", action="store_true", help="train on CPUs even where GPUs are present")
-    train.add_argument("--steps", type=int, help=f"default: the recipe's (with --tiny, {training_options.TINY_STEPS})")
-    train.add_argument("--recipe", choices=sorted(training_options.RECIPES), default="b-lora",
-                       help="b-lora: the two B-LoRA blocks (rank 64, lr 5e-5); style: all attention layers")
-    train.add_argument("--rank", type=int, help="default: the recipe's")
-    train.add_argument("--learning-rate", type=float, help="default: the recipe's")
+    training_options.add_recipe_arguments(train)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    training_options.add_precision_argument(train)
     train.add_argument("--memory", choices=memory_settings.SETTINGS, default=memory_settings.AUTO,
                        help="training memory, as cli.py train --memory")
     train.add_argument("--checkpoint-every", type=int, default=100,

@@ -26,8 +26,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import library
+from . import library_files as library
 from ..training import checkpoint
+from ..training.job import OutputFiles
 from .runner import CommandLineError
 
 
@@ -62,7 +63,7 @@ class ImageJob:
 def open_session(setup: WorkerSetup, staging: Path):
     """The command line's own ``Session`` for this worker, with the library's loras folder first
     and the image inbox and outputs in ``staging`` (nothing is left in the host's folders)."""
-    from .main import Session
+    from .session import Session
 
     session = Session(argparse.Namespace(comfyui=setup.comfyui, tiny=setup.tiny, cpu=setup.cpu,
                                          output_dir=str(staging / "output"), checkpoint=setup.checkpoint))
@@ -98,8 +99,8 @@ def base_model_sha256(setup: WorkerSetup) -> dict:
             node_class = session.nodes.NODE_CLASS_MAPPINGS[loader.class_type]
             with torch.inference_mode():  # as the executor runs a loader
                 model = getattr(node_class(), node_class.FUNCTION)(**loader.inputs)[0]
-            host_training, recipes = pack_module("host.training"), pack_module("training.recipes")
-            shapes = host_training.target_shapes(model, recipes.RECIPES[setup.recipe])
+            host_training, methods = pack_module("host.training"), pack_module("methods")
+            shapes = host_training.target_shapes(model, methods.by_recipe_name(setup.recipe).layers)
             return {"sha256": host_training.base_weights_sha256(model, shapes)}
     except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
@@ -122,10 +123,11 @@ def start_record(job: ImageJob, settings: library.Settings, library_dir: Path) -
     return record
 
 
-def checkpoint_to_resume(final: Path, settings: library.Settings) -> int | None:
+def checkpoint_to_resume(library_dir: Path, entry: str, settings: library.Settings) -> int | None:
     """The step of a checkpoint left for these settings, or None. A checkpoint of other settings
     (a changed caption, more steps) is removed: resuming it would mix two trainings."""
-    sidecar, lora = checkpoint.trainstate_path(final), checkpoint.checkpoint_path(final)
+    outputs = OutputFiles.inside(library_dir / library.LORAS, entry)
+    sidecar, lora = outputs.trainstate, outputs.checkpoint_lora()
     if not sidecar.is_file():
         return None
     try:
@@ -134,7 +136,7 @@ def checkpoint_to_resume(final: Path, settings: library.Settings) -> int | None:
         print(f"checkpoint {sidecar.name} is from other settings (or lacks its LoRA file); starting over")
     except Exception as error:  # a damaged checkpoint: start over
         print(f"checkpoint {sidecar.name} unreadable ({error}); starting over")
-    checkpoint.remove_checkpoint(sidecar, [lora])
+    checkpoint.remove_checkpoint([sidecar, lora])
     return None
 
 
@@ -168,7 +170,7 @@ def train_in(staging: Path, setup: WorkerSetup, job: ImageJob, image_bytes: byte
     image.write_bytes(image_bytes)
     library.check_image(image, job.image_name)
     library.write_thumbnail(image, library_dir / library.THUMBNAILS / f"{job.entry}.png")
-    record["resumed_from"] = checkpoint_to_resume(final, settings)
+    record["resumed_from"] = checkpoint_to_resume(library_dir, job.entry, settings)
     library.write_record(library_dir, record)
     session = open_session(setup, staging)
     session.graph.node("BLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(str(image)),
@@ -176,7 +178,7 @@ def train_in(staging: Path, setup: WorkerSetup, job: ImageJob, image_bytes: byte
                        learning_rate=settings.learning_rate, rank=settings.rank, seed=settings.seed,
                        lora_name=job.entry, precision=setup.precision, recipe=settings.recipe,
                        prompt=settings.prompt, memory=setup.memory, checkpoint_every=setup.checkpoint_every,
-                       resume=record["resumed_from"] is not None)
+                       resume=record["resumed_from"] is not None, overwrite=True)
     session.run()
     differing = settings.differences(library.read_metadata(final))
     if differing:

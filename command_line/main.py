@@ -17,140 +17,28 @@ import sys
 from pathlib import Path
 
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
-from ..training.recipes import PRECISIONS
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
 from . import library as library_command
 from . import sample_image, training_options
 from .runner import CommandLineError, node_definitions, run_prompt
 
 WORKFLOWS = PACK_ROOT / "workflows"
+UNZIP_TINY_STEPS = 12
+"""``unzip train --tiny``'s default: enough steps for every column period on the tiny model."""
 NEGATIVE = ""
 
 
-class Session:
-    """ComfyUI started for one command, with the graph pieces every command uses."""
-
-    def __init__(self, args):
-        import torch
-
-        path = Path(args.comfyui).expanduser() if args.comfyui else find_comfyui()[0]
-        if path is None:
-            raise CommandLineError(f"ComfyUI not found ({find_comfyui()[1]}); give --comfyui or set COMFYUI_PATH.")
-        self.tiny = args.tiny
-        self.nodes = start_comfyui(path, cpu=args.cpu or not torch.cuda.is_available())
-        import folder_paths
-        from comfy_execution.graph_utils import GraphBuilder
-
-        self.folder_paths = folder_paths
-        self.graph = GraphBuilder()
-        output = os.environ.get("BLORA_OUTPUT_DIR") or args.output_dir
-        if output:
-            Path(output).mkdir(parents=True, exist_ok=True)
-            folder_paths.set_output_directory(str(Path(output).resolve()))
-        if self.tiny:
-            from .tiny import TINY_NODES
-
-            self.nodes.NODE_CLASS_MAPPINGS.update(TINY_NODES)
-            loras = Path(folder_paths.get_output_directory()) / "loras"
-            loras.mkdir(parents=True, exist_ok=True)
-            folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-            print("--tiny: a tiny SDXL-architecture model with random weights; its images are noise. "
-                  f"Files go to {folder_paths.get_output_directory()}.")
-        self.checkpoint = self.load_checkpoint(args.checkpoint)
-
-    def load_checkpoint(self, name: str | None):
-        if self.tiny:
-            return self.graph.node("TinySDXLCheckpointLoader", seed=0)
-        if not name:
-            found = self.folder_paths.get_filename_list("checkpoints")
-            raise CommandLineError("Give --checkpoint (an SDXL file in ComfyUI's checkpoints folder"
-                                   + (f", e.g. {found[0]}" if found else "") + ") or run with --tiny.")
-        return self.graph.node("CheckpointLoaderSimple", ckpt_name=name)
-
-    def text(self, prompt: str):
-        if self.tiny:
-            return self.graph.node("TinyTextEncode", text=prompt).out(0)
-        return self.graph.node("CLIPTextEncode", text=prompt, clip=self.checkpoint.out(1)).out(0)
-
-    def image_latent(self, image: str | None):
-        """An image file encoded as a latent, scaled to about a megapixel as the official scripts do.
-        With ``--tiny`` and no image, the sample drawn by ``sample_image``."""
-        inbox = Path(self.folder_paths.get_input_directory()) / "blora_cli"
-        inbox.mkdir(parents=True, exist_ok=True)
-        if image is None:
-            if not self.tiny:
-                raise CommandLineError("Give --image (the picture to train on).")
-            source = sample_image.write_sample(inbox)
-            print(f"--tiny: training on the bundled sample image (drawn in code), {source}")
-        else:
-            source = Path(image).expanduser()
-            if not source.is_file():
-                raise CommandLineError(f"No image at {source}.")
-            shutil.copyfile(source, inbox / source.name)
-        loaded = self.graph.node("LoadImage", image=f"blora_cli/{source.name}")
-        scaled = self.graph.node("ImageScaleToTotalPixels", image=loaded.out(0), upscale_method="lanczos",
-                                 megapixels=0.02 if self.tiny else 1.0)
-        return self.graph.node("VAEEncode", pixels=scaled.out(0), vae=self.checkpoint.out(2)).out(0)
-
-    def sample(self, model, prompt: str, prefix: str, args, latent=None, denoise: float = 1.0):
-        size = 64 if self.tiny else args.size
-        latent = latent or self.graph.node("EmptyLatentImage", width=size, height=size, batch_size=1).out(0)
-        sampled = self.graph.node("KSampler", model=model, seed=args.seed, steps=4 if self.tiny else args.sample_steps,
-                                  cfg=args.cfg, sampler_name="dpmpp_2m", scheduler="karras",
-                                  positive=self.text(prompt), negative=self.text(NEGATIVE), latent_image=latent,
-                                  denoise=denoise)
-        decoded = self.graph.node("VAEDecode", samples=sampled.out(0), vae=self.checkpoint.out(2))
-        self.graph.node("SaveImage", images=decoded.out(0), filename_prefix=prefix)
-
-    def run(self, prompt: dict | None = None) -> dict:
-        outputs = run_prompt(prompt or self.graph.finalize())
-        for result in outputs.values():
-            for image in result.get("images", []):
-                print("image:", Path(self.folder_paths.get_output_directory()) / image["subfolder"] / image["filename"])
-            for text in result.get("text", []):
-                print(text)
-        return outputs
-
-    def print_lora_files(self, name: str, suffixes=("",)) -> None:
-        folder = Path(self.folder_paths.get_folder_paths("loras")[0])
-        for suffix in suffixes:
-            print("lora:", folder / lora_name(name + suffix))
-
-
-def image_stem(image: str | None) -> str:
-    return Path(image).stem if image else Path(sample_image.FILE_NAME).stem
-
-
-def lora_name(value: str) -> str:
-    return value if value.endswith(".safetensors") else value + ".safetensors"
-
-
-def existing_lora(value: str) -> str:
-    """``value`` as a file name in the loras folder, checked before the graph runs (the host's
-    own check of a file list would only say "Value not in list")."""
-    from ..host import model as host_model
-
-    name = lora_name(value)
-    try:
-        host_model.lora_file_path(name)
-    except FileNotFoundError as error:
-        raise CommandLineError(str(error)) from None
-    return name
-
-
 def command_train(args) -> None:
-    recipe = training_options.RECIPES[args.recipe]
+    recipe = training_options.RECIPES[args.recipe].recipe
     session = Session(args)
     steps = training_options.steps_for(args.steps, args.tiny, recipe)
     name = args.name or f"b-lora/{image_stem(args.image)}"
     session.graph.node("BLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
-                       positive=session.text(args.prompt), steps=steps,
-                       learning_rate=args.learning_rate or recipe.learning_rate, rank=args.rank or recipe.rank,
-                       seed=args.seed, lora_name=name,
-                       precision=args.precision, recipe=recipe.name, prompt=args.prompt,
-                       export_diffusers=args.export_diffusers, memory=args.memory)
+                       positive=session.text(args.prompt), steps=steps, learning_rate=args.learning_rate or 0.0,
+                       rank=args.rank or 0, seed=args.seed, lora_name=name, precision=args.precision,
+                       recipe=recipe.name, prompt=args.prompt, export_diffusers=args.export_diffusers,
+                       memory=args.memory, overwrite=args.overwrite)
     session.run()
-    session.print_lora_files(name)
 
 
 def _with_blocks(session, args, content: str | None, style: str | None):
@@ -167,21 +55,23 @@ def _with_blocks(session, args, content: str | None, style: str | None):
 
 def _fused_k_lora(session, args):
     """Content and style LoRA files fused by K-LoRA Fuse (official defaults, strengths linear)."""
+    if not args.style:
+        raise CommandLineError("--fuse k-lora needs --style (the style LoRA to fuse with the content LoRA).")
     return session.graph.node("KLoRAFuse", model=session.checkpoint.out(0), content_lora=existing_lora(args.content),
                               style_lora=existing_lora(args.style)).out(0)
 
 
+FUSIONS = {"b-lora": lambda session, args: _with_blocks(session, args, args.content, args.style),
+           "k-lora": _fused_k_lora}
+"""How ``stylize --fuse`` builds each fusion method of the registry (``methods.fusions``)."""
+
+
 def command_stylize(args) -> None:
-    if args.fuse == "k-lora" and not args.style:
-        raise CommandLineError("--fuse k-lora needs --style (the style LoRA to fuse with the content LoRA).")
     if not (args.style or args.text):
         raise CommandLineError("stylize needs --style (a style B-LoRA) or --text (a prompt such as 'A [c] made of gold').")
     session = Session(args)
     prompt = args.text or args.prompt or "A [c] in [s] style"
-    if args.fuse == "k-lora":
-        session.sample(_fused_k_lora(session, args), prompt, "k-lora/stylize", args)
-    else:
-        session.sample(_with_blocks(session, args, args.content, args.style), prompt, "blora/stylize", args)
+    session.sample(FUSIONS[args.fuse](session, args), prompt, f"{args.fuse}/stylize", args)
     session.run()
 
 
@@ -195,14 +85,18 @@ def command_unzip(args) -> None:
     session = Session(args)
     name = args.name or f"unziplora/{image_stem(args.image)}"
     if args.action == "train":
-        steps = args.steps if args.steps is not None else (12 if args.tiny else 600)
+        recipe = UNZIPLORA.recipe
+        settings = recipe.settings
+        steps = args.steps if args.steps is not None else (UNZIP_TINY_STEPS if args.tiny else recipe.steps)
         session.graph.node("UnZipLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
                            positive=session.text(args.prompt), content_positive=session.text(args.content_prompt),
-                           style_positive=session.text(args.style_prompt), steps=steps, content_learning_rate=5e-5,
-                           style_learning_rate=5e-5, merger_learning_rate=5e-3, rank=args.rank,
-                           sample_times=3, column_ratio=0.1, seed=args.seed,
-                           lora_name=name, precision=args.precision,
-                           prompt=args.prompt, memory=args.memory)
+                           style_positive=session.text(args.style_prompt), steps=steps,
+                           content_learning_rate=recipe.learning_rate,
+                           style_learning_rate=settings["style_learning_rate"],
+                           merger_learning_rate=settings["merger_learning_rate"], rank=args.rank or recipe.rank,
+                           sample_times=settings["sample_times"], column_ratio=settings["column_ratio"],
+                           seed=args.seed, lora_name=name, precision=args.precision, prompt=args.prompt,
+                           memory=args.memory, overwrite=args.overwrite)
     else:
         prompts = {f"{role}_positive": session.text(text) for role, text in
                    (("content", args.content_prompt), ("style", args.style_prompt)) if text}
@@ -212,8 +106,6 @@ def command_unzip(args) -> None:
                                     content_merger=args.content_merger, style_merger=args.style_merger, **prompts)
         session.sample(merged.out(0), args.prompt, "unziplora/recombined", args)
     session.run()
-    if args.action == "train":
-        session.print_lora_files(name, ("_content", "_style"))
 
 
 def _parse_value(text: str):
@@ -225,7 +117,7 @@ def _parse_value(text: str):
 
 def command_run(args) -> None:
     """Any workflow (a shipped one by name, or a UI-format file), inputs overridden with --set."""
-    from ..core import workflow_format
+    from . import workflow_format
 
     path = Path(args.workflow)
     if not path.is_file():
@@ -277,14 +169,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
     train.add_argument("--prompt", default="A [v]")
     train.add_argument("--name", help="output name in the loras folder (default b-lora/<image name>)")
-    train.add_argument("--steps", type=int)
-    train.add_argument("--recipe", choices=sorted(training_options.RECIPES), default="b-lora",
-                       help="b-lora: the two B-LoRA blocks (rank 64, lr 5e-5); style: all attention layers, the "
-                            "style-LoRA recipe (rank 8, alpha 16, lr 1e-5)")
-    train.add_argument("--rank", type=int, help="default: the recipe's")
-    train.add_argument("--learning-rate", type=float, help="default: the recipe's")
-    train.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    training_options.add_recipe_arguments(train)
+    training_options.add_precision_argument(train)
     train.add_argument("--export-diffusers", action="store_true", help="also write the official diffusers format")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a finished LoRA of the same name (default: the next free name, NAME_2, ...)")
     train.set_defaults(run=command_train)
 
     stylize = commands.add_parser("stylize", parents=[common], help="content B-LoRA with a style B-LoRA or a text")
@@ -292,10 +181,9 @@ def parser() -> argparse.ArgumentParser:
     stylize.add_argument("--style", help="style B-LoRA")
     stylize.add_argument("--text", help="a prompt instead of a style, e.g. 'A [c] made of gold'")
     stylize.add_argument("--prompt", help="the prompt with a style B-LoRA (default 'A [c] in [s] style')")
-    stylize.add_argument("--fuse", choices=("b-lora", "k-lora"), default="b-lora",
-                         help="b-lora: the content block of --content with the style block of --style (strengths "
-                              "squared, as the official B-LoRA); k-lora: the two whole LoRA files fused by K-LoRA "
-                              "Fuse (the official defaults, strengths 1)")
+    stylize.add_argument("--fuse", choices=[m.key for m in methods.fusions()], default=methods.fusions()[0].key,
+                         help="; ".join(f"{m.key}: {m.help}" for m in methods.fusions())
+                         + " (b-lora: strengths squared, as the official B-LoRA; k-lora: its official defaults)")
     stylize.set_defaults(run=command_stylize)
 
     generate = commands.add_parser("generate", parents=[common], help="a style B-LoRA with a text")
@@ -312,12 +200,14 @@ def parser() -> argparse.ArgumentParser:
     unzip.add_argument("--style-prompt", help="train: the style prompt; recombine: the style LoRA's own prompt")
     unzip.add_argument("--name")
     unzip.add_argument("--steps", type=int)
-    unzip.add_argument("--rank", type=int, default=64)
-    unzip.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    unzip.add_argument("--rank", type=int, help=f"default: the recipe's ({UNZIPLORA.recipe.rank})")
+    training_options.add_precision_argument(unzip)
     unzip.add_argument("--content", help="content LoRA (recombine)")
     unzip.add_argument("--style", help="style LoRA (recombine)")
     unzip.add_argument("--content-merger", default="none")
     unzip.add_argument("--style-merger", default="none")
+    unzip.add_argument("--overwrite", action="store_true",
+                       help="train: replace finished LoRAs of the same name (default: the next free name)")
     unzip.set_defaults(run=command_unzip)
 
     run = commands.add_parser("run", parents=[common], help="any shipped workflow, inputs overridden")

@@ -42,6 +42,7 @@ Where this differs from the official code, and why:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -53,7 +54,7 @@ import torch
 
 from . import sdxl_unet
 from .lora_format import LoraFormatError, LoraWeights
-from .step_lora import LowRankDelta, SamplingCall, StepListener
+from .step_lora import LowRankOutput, SamplingCall, StepListener
 
 PATTERNS = ("s*", "s")
 SCHEDULES = ("normalized", "official")
@@ -161,7 +162,7 @@ def plan_fusion(content: LoraWeights, style: LoraWeights, device: torch.device |
     ratios, top_k = [], {}
     for path in switched:
         c, s = content.layers[path], style.layers[path]
-        delta_c, delta_s = c.delta(device), s.delta(device)
+        delta_c, delta_s = c.delta(device=device), s.delta(device=device)
         sum_c, sum_s = float(delta_c.abs().sum()), float(delta_s.abs().sum())
         for what, total in (("content", sum_c), ("style", sum_s)):
             if not total > 0 or math.isinf(total):
@@ -230,7 +231,7 @@ class KLoRASchedule(StepListener):
 class KLoRALayer:
     """The ``forward`` of one K-LoRA layer: the base output plus the chosen LoRA's delta."""
 
-    def __init__(self, base: Callable, content: LowRankDelta, style: LowRankDelta, constants: tuple[float, float],
+    def __init__(self, base: Callable, content: LowRankOutput, style: LowRankOutput, constants: tuple[float, float],
                  schedule: KLoRASchedule):
         self.base = base
         self.content, self.style = content, style
@@ -248,8 +249,8 @@ def layer_factories(fusion: Fusion, content: LoraWeights, style: LoraWeights, sc
     """``path -> (forward -> K-LoRA forward)`` for every switched layer."""
 
     def factory(path):
-        content_delta = LowRankDelta.of(content.layers[path], content_strength)
-        style_delta = LowRankDelta.of(style.layers[path], style_strength)
+        content_delta = functools.partial(content.layers[path].lora_output, strength=content_strength)
+        style_delta = functools.partial(style.layers[path].lora_output, strength=style_strength)
         return lambda base: KLoRALayer(base, content_delta, style_delta, fusion.constants[path], schedule)
 
     return {path: factory(path) for path in fusion.switched}

@@ -1,10 +1,9 @@
 """LoRA files of every naming in the wild, read into one canonical form.
 
 Canonical form: a :class:`LoraWeights` maps ldm module paths of the SDXL UNet
-(``output_blocks.0.1.transformer_blocks.0.attn1.to_q``) to a :class:`LoraLayer` holding the two
-factors in PEFT's terms, ``down`` = A (rank x in) and ``up`` = B (out x rank), and the alpha, if
-the file stored one. The delta of a layer is ``scale * up @ down`` with ``scale = alpha / rank``,
-or 1 without an alpha (the official B-LoRA and UnZipLoRA files store none: they train at scale 1).
+(``output_blocks.0.1.transformer_blocks.0.attn1.to_q``) to a ``lora_layer.LoraLayer`` holding the
+file's two factors in PEFT's terms, ``down`` = A (rank x in) and ``up`` = B (out x rank), and the
+alpha, if the file stored one, as its one (default) adapter.
 
 Each key is parsed on its own (a prefix naming a module, a suffix naming a factor), so a file
 mixing namings still reads, and no format is guessed from the first key.
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import sdxl_unet
+from .lora_layer import LoraLayer
 
 FACTOR_SUFFIXES = (
     (".lora_up.weight", "up"),
@@ -64,28 +64,6 @@ SAFE_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 class LoraFormatError(ValueError):
     """A file that is not a LoRA this pack can read; the message says what was found."""
-
-
-@dataclass(frozen=True)
-class LoraLayer:
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
-
-    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """``scale * up @ down`` in float32, shaped like the weight it patches (computed on
-        ``device``, else where the factors are)."""
-        up = self.up.float().flatten(1).to(device)
-        down = self.down.float().flatten(1).to(device)
-        return (self.scale * (up @ down)).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .step_lora import UNCOND, LowRankDelta, SamplingCall, StepListener
+from .step_lora import UNCOND, LowRankOutput, SamplingCall, StepListener
 
 
 class PromptStreams(StepListener):
@@ -82,7 +82,7 @@ class PromptSeparatedLoRA:
     """The ``forward`` of a cross-attention ``to_k`` / ``to_v``: base output plus each LoRA's
     delta applied to what that LoRA sees."""
 
-    def __init__(self, base: Callable, deltas: list[tuple[str, LowRankDelta]], streams: PromptStreams):
+    def __init__(self, base: Callable, deltas: list[tuple[str, LowRankOutput]], streams: PromptStreams):
         self.base = base
         self.deltas = deltas
         self.streams = streams

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .step_lora import LowRankDelta, SamplingCall, StepListener
+from .step_lora import LowRankOutput, SamplingCall, StepListener
 
 
 class SigmaWindow(StepListener):
@@ -29,7 +29,7 @@ class SigmaWindow(StepListener):
 class WindowedLoRA:
     """The ``forward`` of a layer whose LoRA acts only while ``window`` is open."""
 
-    def __init__(self, base: Callable, delta: LowRankDelta, window: SigmaWindow):
+    def __init__(self, base: Callable, delta: LowRankOutput, window: SigmaWindow):
         self.base = base
         self.delta = delta
         self.window = window

@@ -22,6 +22,21 @@ CONTENT_FULL = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.2")
 STYLE_FULL = ("up_blocks.0.attentions.1", "up_blocks.1.attentions.")
 
 
+def reference_parameters(layer) -> dict:
+    """The pack's UnZipLayer's parameters under this reference's names (``content_down``,
+    ``content_up``, ..., ``merge_content``, ``merge_style``): live tensors, not copies."""
+    named = {}
+    for role in ("content", "style"):
+        named[f"{role}_down"], named[f"{role}_up"] = layer.factors(role)
+        named[f"merge_{role}"] = layer.merger(role)
+    return named
+
+
+def initial_parameters(layers: dict) -> dict:
+    """Copies of every layer's parameters, by path, as :class:`Reference` starts from."""
+    return {path: {k: v.detach().clone() for k, v in reference_parameters(layer).items()} for path, layer in layers.items()}
+
+
 class Reference:
     """The method from its equations, on diffusers' UNet."""
 

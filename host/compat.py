@@ -74,3 +74,13 @@ def prompt_executor(server):
     if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
         return execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     return execution.PromptExecutor(server, cache_type=False)
+
+
+def fixed_seed_control():
+    """``control_after_generate`` for a training node's seed: the seed stays as set after a run
+    (``ControlAfterGenerate.fixed``, since 0.8), else the host's plain control (the widget
+    defaults to randomize there; a resume takes the checkpoint's seed either way)."""
+    from comfy_api.latest import io
+
+    fixed = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", None)
+    return fixed if fixed is not None else True

@@ -1,24 +1,27 @@
-"""HTTP routes for the front end: the recipes' published defaults (rank, learning rate, alpha),
-so the editor can fill them in when a recipe is chosen."""
+"""HTTP routes for the front end, from the method registry: which nodes train (they get the
+live loss chart) and each recipe's published defaults (rank, learning rate, alpha, steps),
+which the editor fills in when a recipe is chosen."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from ..training import recipes
+from .. import methods
+
+METHODS_PATH = "/blora/methods"
 
 
-def recipe_defaults() -> dict:
-    """Per recipe name: the Train B-LoRA widget values that recipe starts from (alpha 0 = the recipe's own)."""
-    return {name: {"rank": recipe.rank, "learning_rate": recipe.learning_rate, "alpha": 0.0, "steps": recipe.steps}
-            for name, recipe in recipes.RECIPES.items()}
+def methods_for_the_editor() -> dict:
+    """Per recipe name, the Train node's widget values that recipe starts from (alpha 0 = the
+    recipe's own); and the training nodes."""
+    recipes = {m.recipe.name: {"rank": m.recipe.rank, "learning_rate": m.recipe.learning_rate, "alpha": 0.0,
+                               "steps": m.recipe.steps}
+               for m in methods.METHODS if m.recipe is not None}
+    return {"training_nodes": methods.training_nodes(), "recipes": recipes}
 
 
-RECIPES_PATH = "/blora/recipes"
-
-
-async def get_recipes(request):
-    return web.json_response(recipe_defaults())
+async def get_methods(request):
+    return web.json_response(methods_for_the_editor())
 
 
 def register() -> None:
@@ -36,5 +39,5 @@ def register() -> None:
 
 
 def add_routes(routes: web.RouteTableDef) -> None:
-    if not any(isinstance(route, web.RouteDef) and route.path == RECIPES_PATH for route in routes):
-        routes.get(RECIPES_PATH)(get_recipes)
+    if not any(isinstance(route, web.RouteDef) and route.path == METHODS_PATH for route in routes):
+        routes.get(METHODS_PATH)(get_methods)

@@ -18,6 +18,8 @@ import comfy.model_base
 import comfy.model_management
 import comfy.utils
 
+from ..core import layer_sets
+from ..methods import LayerSet
 from ..training import gradient_checkpointing
 from ..training.diffusion import alphas_cumprod_from_sigmas
 from . import compat
@@ -90,12 +92,14 @@ def conditioning_per_image(model, positive, num_images: int) -> list[ImageCondit
     return entries
 
 
-def target_shapes(model, recipe) -> dict[str, tuple[int, int]]:
+def target_shapes(model, layers: LayerSet) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of each layer of ``model`` that ``layers`` selects."""
     weights = model.model_state_dict("diffusion_model.")
     paths = [key[len("diffusion_model."):-len(".weight")] for key in weights if key.endswith(".weight")]
-    shapes = {path: tuple(weights[f"diffusion_model.{path}.weight"].shape) for path in recipe.targets(paths)}
+    shapes = {path: tuple(weights[f"diffusion_model.{path}.weight"].shape) for path in layer_sets.select(layers, paths)}
     if not shapes:
-        raise ValueError(f"The model has no layers for the recipe '{recipe.name}'; is it an SDXL UNet?")
+        raise ValueError(f"The model has no layers of the kind this method trains ({', '.join(layers.projections)}); "
+                         f"is it an {layers.family} model?")
     return shapes
 
 

@@ -15,7 +15,6 @@ import functools
 import torch
 
 from ..core.lora_format import LoraWeights
-from ..core.step_lora import LowRankDelta
 from ..core.unzip_recombine import PromptSeparatedLoRA, PromptStreams
 from ..training.unziplora import PROMPT_SEPARATED
 from . import model as host_model, step_patches
@@ -61,7 +60,7 @@ def recombined(model, weights: dict[str, LoraWeights], strengths: dict[str, floa
     streams = PromptStreams(contexts)
     layers = {}
     for path in paths:
-        deltas = [(role, LowRankDelta.of(separated[role][path], strengths.get(role, 1.0)))
+        deltas = [(role, functools.partial(separated[role][path].lora_output, strength=strengths.get(role, 1.0)))
                   for role in weights if path in separated[role]]
         layers[path] = functools.partial(PromptSeparatedLoRA, deltas=deltas, streams=streams)
     return step_patches.clone_with_step_layers(patched, layers, streams, WRAPPER_KEY)

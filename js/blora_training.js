@@ -2,10 +2,11 @@
 // smoothed line on top), steps, it/s and time left, fed by the server's "blora.train" events.
 // The last run's losses are kept in the node's properties, so the chart survives a reload.
 // Choosing a recipe sets rank / learning rate / alpha to that recipe's published defaults.
+// Which nodes train, and each recipe's defaults, come from the pack's method registry
+// (the server's /blora/methods route).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN_NODES = new Set(["BLoRATrain", "UnZipLoRATrain"]);
 const EVENT = "blora.train";
 const PROPERTY = "blora_last_run";
 const WIDTH = 320;
@@ -91,12 +92,10 @@ function persistWorkflow() {
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
-let recipeDefaults = null;
-async function loadRecipeDefaults() {
-  if (recipeDefaults) return recipeDefaults;
-  const response = await api.fetchApi("/blora/recipes");
-  recipeDefaults = response.ok ? await response.json() : {};
-  return recipeDefaults;
+let methods = { training_nodes: [], recipes: {} };
+async function loadMethods() {
+  const response = await api.fetchApi("/blora/methods");
+  if (response.ok) methods = await response.json();
 }
 
 function followRecipe(node) {
@@ -104,7 +103,7 @@ function followRecipe(node) {
   if (!recipe) return;
   const original = recipe.callback;
   recipe.callback = async function (value, ...rest) {
-    const defaults = (await loadRecipeDefaults())[value];
+    const defaults = methods.recipes[value];
     if (defaults) {
       for (const [name, setting] of Object.entries(defaults)) {
         const widget = node.widgets.find((w) => w.name === name);
@@ -118,6 +117,9 @@ function followRecipe(node) {
 
 app.registerExtension({
   name: "blora.training",
+  async init() {
+    await loadMethods();
+  },
   setup() {
     api.addEventListener(EVENT, ({ detail }) => {
       const node = app.graph?.getNodeById(Number(detail.node));
@@ -135,7 +137,7 @@ app.registerExtension({
     });
   },
   nodeCreated(node) {
-    if (!TRAIN_NODES.has(node.comfyClass)) return;
+    if (!methods.training_nodes.includes(node.comfyClass)) return;
     attachChart(node);
     followRecipe(node);
   },

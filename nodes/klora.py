@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..core import klora
 from ..host import model as host_model, step_patches
+from .schema import CATEGORY
 
-CATEGORY = "B-LoRA"
 WRAPPER_KEY = "blora_klora_fuse"
 
 
@@ -82,3 +82,6 @@ class KLoRAFuse(io.ComfyNode):
         content = host_model.read_lora(content_lora)
         style = host_model.read_lora(style_lora)
         return io.NodeOutput(_fused(model, content, style, settings, content_strength, style_strength))
+
+
+NODES = [KLoRAFuse]

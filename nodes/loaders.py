@@ -7,8 +7,7 @@ from comfy_api.latest import io
 
 from ..core import blora
 from ..host import model as host_model
-
-CATEGORY = "B-LoRA"
+from .schema import CATEGORY
 
 
 class _BlockLoader(io.ComfyNode):
@@ -78,3 +77,6 @@ class LoadStyleLoRA(_BlockLoader):
     ROLE = "style"
     NODE_ID = "BLoRALoadStyleLoRA"
     DISPLAY_NAME = "Load Style LoRA"
+
+
+NODES = [LoadContentLoRA, LoadStyleLoRA]

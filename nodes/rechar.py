@@ -11,18 +11,17 @@ from comfy_api.latest import io
 
 from ..core import blora, sdxl_unet
 from ..core.glyph import canny_edges
-from ..core.step_lora import LowRankDelta
 from ..core.windowed_lora import SigmaWindow, WindowedLoRA, sigma_window
 from ..host import model as host_model, step_patches
+from .schema import CATEGORY
 
-CATEGORY = "B-LoRA"
 WRAPPER_KEY = "blora_rechar_structure_window"
 
 
 def _windowed(model, weights, strength: float, start: float, end: float):
     """A clone whose structure layers add their LoRA only for steps inside [start, end]."""
     window = SigmaWindow(*sigma_window(model.get_model_object("model_sampling"), start, end))
-    layers = {path: functools.partial(WindowedLoRA, delta=LowRankDelta.of(layer, strength), window=window)
+    layers = {path: functools.partial(WindowedLoRA, delta=functools.partial(layer.lora_output, strength=strength), window=window)
               for path, layer in weights.layers.items()}
     return step_patches.clone_with_step_layers(model, layers, window, WRAPPER_KEY)
 
@@ -88,3 +87,6 @@ class ReCharStructureFuse(io.ComfyNode):
             return io.NodeOutput(patched, None, None)
         edges = torch.stack([canny_edges(image) for image in glyph])
         return io.NodeOutput(patched, edges[..., None].expand(*edges.shape, 3).contiguous(), edges)
+
+
+NODES = [ReCharStructureFuse]

@@ -1,4 +1,5 @@
-"""Train B-LoRA: the in-process fine-tune of SDXL's two B-LoRA blocks on the user's own model."""
+"""Train B-LoRA: the in-process fine-tune of SDXL's two B-LoRA blocks (or the style recipe's
+attention layers) on the user's own model."""
 
 from __future__ import annotations
 
@@ -6,22 +7,24 @@ import torch
 
 from comfy_api.latest import io
 
-from ..core import lora_format
-from ..training import checkpoint, recipes
+from .. import methods
+from ..host import model as host_model, training_run
+from ..methods.sdxl import B_LORA, STYLE_LORA
 from ..training import memory as memory_settings
-from ..training.lora_adapters import LoraAdapterSet
-from ..training.trainer import PRECISIONS
-from ..host import model as host_model
-from ..host.training_run import TrainingRun, finish, memory_input, prepare
+from ..training.job import lora_job, trained_weights
+from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
+from .schema import CATEGORY, fingerprint, memory_input, overwrite_input, seed_input, training_output
 
-CATEGORY = "B-LoRA"
+NODE_ID = "BLoRATrain"
+RECIPES = methods.trained_by(NODE_ID)
+PAPER, STYLE = B_LORA.recipe, STYLE_LORA.recipe
 
 
 class TrainBLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="BLoRATrain",
+            node_id=NODE_ID,
             display_name="Train B-LoRA",
             category=CATEGORY,
             description=(
@@ -33,29 +36,31 @@ class TrainBLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="The SDXL model to train on. It is not changed."),
                 io.Latent.Input("latents", tooltip="One or more images encoded with VAE Encode (about 1024 px)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, e.g. 'A [v]'; one for all images or one per image."),
-                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training steps (paper: 1000)."),
+                io.Int.Input("steps", default=PAPER.steps, min=1, max=100000,
+                             tooltip=f"Training steps (paper: {PAPER.steps})."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1e-2, step=1e-6, round=False,
-                               tooltip="AdamW learning rate, constant (paper: 5e-5). 0: the recipe's (B-LoRA 5e-5, "
-                                       "style LoRA 1e-5)."),
+                               tooltip=f"AdamW learning rate, constant (paper: {PAPER.learning_rate:g}). 0: the recipe's "
+                                       f"(B-LoRA {PAPER.learning_rate:g}, style LoRA {STYLE.learning_rate:g})."),
                 io.Int.Input("rank", default=0, min=0, max=256,
-                             tooltip="LoRA rank (paper: 64). 0: the recipe's (B-LoRA 64, style LoRA 8)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
-                             tooltip="Seeds the LoRA init, timesteps and noise."),
+                             tooltip=f"LoRA rank (paper: {PAPER.rank}). 0: the recipe's (B-LoRA {PAPER.rank}, style "
+                                     f"LoRA {STYLE.rank})."),
+                seed_input(),
                 io.String.Input("lora_name", default="b-lora/my_image",
                                 tooltip="Output file inside the loras folder (subfolders allowed); .safetensors is added."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="fp16",
+                io.Combo.Input("precision", options=list(PRECISIONS), default=DEFAULT_PRECISION,
                                tooltip="fp16 with a gradient scaler (the paper's), bf16, or fp32. On a CPU fp16 runs as fp32."),
-                io.Int.Input("checkpoint_every", default=250, min=0, max=100000, optional=True,
+                io.Int.Input("checkpoint_every", default=PAPER.checkpoint_every, min=0, max=100000, optional=True,
                              tooltip="Save a resumable checkpoint every N steps (0: only on Cancel or error)."),
                 io.Boolean.Input("resume", default=False, optional=True,
                                  tooltip="Continue from this lora_name's checkpoint (same settings) instead of starting over."),
-                io.Combo.Input("recipe", options=list(recipes.RECIPES), default=recipes.B_LORA.name, optional=True,
-                               tooltip="What to train. 'all attention layers' is the style-LoRA recipe of "
-                                       "Diffusion-LoRA-Style-Transfer (rank 8, alpha 16, lr 1e-5, weight decay 0.01, "
-                                       "no clipping, 2 images a step); rank / learning rate / alpha at 0 take it."),
+                io.Combo.Input("recipe", options=[m.recipe.name for m in RECIPES], default=PAPER.name, optional=True,
+                               tooltip=f"What to train. '{STYLE.name}' is the style-LoRA recipe of "
+                                       f"Diffusion-LoRA-Style-Transfer (rank {STYLE.rank}, alpha {STYLE.alpha:g}, lr "
+                                       f"{STYLE.learning_rate:g}, weight decay {STYLE.weight_decay:g}, no clipping, "
+                                       f"{STYLE.batch_size} images a step); rank / learning rate / alpha at 0 take it."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
-                               tooltip="LoRA alpha (scale = alpha / rank). 0: the recipe's (B-LoRA: alpha = rank; "
-                                       "style LoRA: 16)."),
+                               tooltip=f"LoRA alpha (scale = alpha / rank). 0: the recipe's (B-LoRA: alpha = rank; "
+                                       f"style LoRA: {STYLE.alpha:g})."),
                 io.String.Input("prompt", default="A [v]", optional=True,
                                 tooltip="The prompt text, recorded in the file's metadata (conditioning carries no text)."),
                 io.Boolean.Input("export_diffusers", default=False, optional=True,
@@ -65,6 +70,7 @@ class TrainBLoRA(io.ComfyNode):
                              tooltip="Every N steps, show a quick sample of the LoRA being trained on this node "
                                      "(0: off). Costs a few UNet passes each time."),
                 memory_input(),
+                overwrite_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -77,40 +83,28 @@ class TrainBLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name: str = "", **_) -> tuple:
+        return fingerprint(NODE_ID, lora_name)
+
+    @classmethod
     def execute(cls, model, latents, positive, steps: int, learning_rate: float, rank: int, seed: int,
-                lora_name: str, precision: str, checkpoint_every: int = 250, resume: bool = False,
-                recipe: str = recipes.B_LORA.name, alpha: float = 0.0, prompt: str = "A [v]",
-                export_diffusers: bool = False, preview_every: int = 0,
-                memory: str = memory_settings.AUTO) -> io.NodeOutput:
-        if recipe not in recipes.RECIPES:
-            raise ValueError(f"Unknown recipe {recipe!r}; choose one of {list(recipes.RECIPES)}.")
-        chosen = recipes.RECIPES[recipe]
-        rank, learning_rate, alpha = chosen.settings(rank, learning_rate, alpha)
+                lora_name: str, precision: str, checkpoint_every: int = PAPER.checkpoint_every, resume: bool = False,
+                recipe: str = PAPER.name, alpha: float = 0.0, prompt: str = "A [v]", export_diffusers: bool = False,
+                preview_every: int = 0, memory: str = memory_settings.AUTO, overwrite: bool = False) -> io.NodeOutput:
+        method = methods.by_recipe_name(recipe)
+        rank, learning_rate, alpha = method.recipe.resolved(rank, learning_rate, alpha)
         # The executor runs nodes under inference mode; tensors made there cannot take part in
         # autograd, so everything the training touches is made outside it.
         with torch.inference_mode(False):
-            prepared = prepare(model, latents, positive, "Train B-LoRA", lora_name, chosen, steps, learning_rate, seed,
-                               precision, checkpoint_every)
-            adapters = LoraAdapterSet(prepared.shapes, rank, alpha)
-            adapters.reset(seed)
-            metadata = prepared.metadata("B-LoRA" if chosen is recipes.B_LORA else "LoRA", chosen.name, rank, alpha,
-                                         prompt)
-
-            def lora_file():
-                return lora_format.to_kohya_state_dict(adapters.to_lora_weights()), metadata
-
-            run = TrainingRun(model, prepared, adapters,
-                              {"recipe": chosen.name, "rank": str(rank), "alpha": f"{alpha:g}", "seed": str(seed)},
-                              {checkpoint.checkpoint_path(prepared.final_path): lora_file},
-                              weight_wrappers=dict(adapters.items()), preview_every=preview_every,
-                              trainer="b-lora", memory=memory)
-            state = run.run(cls.hidden.unique_id if cls.hidden is not None else None, resume, "Train B-LoRA")
-            trained = adapters.to_lora_weights(metadata)
-            outputs = {prepared.final_path: lora_file()}
-            if export_diffusers:
-                outputs[prepared.final_path.with_name(prepared.final_path.stem + "_diffusers")
-                        / "pytorch_lora_weights.safetensors"] = (lora_format.to_official_state_dict(trained),
-                                                                 {"format": "pt"})
-            return finish(run, state, outputs, host_model.patched_clone(model, trained, 1.0), [prepared.final_path])
+            inputs = training_run.TrainingInputs.of(model, latents, positive, "Train B-LoRA")
+            shapes = inputs.shapes(method)
+            config = inputs.config(method, steps, learning_rate, rank, alpha, seed, precision, checkpoint_every, shapes)
+            job = lora_job(method, config, training_run.output_files(lora_name, overwrite=overwrite), shapes, prompt,
+                           export_diffusers)
+            result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory,
+                                      "Train B-LoRA", preview_every)
+            trained = host_model.patched_clone(model, trained_weights(job), 1.0)
+        return training_output(NODE_ID, lora_name, job, result, trained)
 
 
+NODES = [TrainBLoRA]

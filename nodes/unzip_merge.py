@@ -9,8 +9,8 @@ from comfy_api.latest import io
 
 from ..core import column_masks
 from ..host import model as host_model, unzip_recombine
+from .schema import CATEGORY
 
-CATEGORY = "B-LoRA"
 NO_MERGER = "none"
 
 
@@ -100,3 +100,6 @@ class UnZipColumnMaskMerge(io.ComfyNode):
         return io.NodeOutput(unzip_recombine.recombined(model, {"content": content, "style": style},
                                                         {"content": content_strength, "style": style_strength},
                                                         contexts))
+
+
+NODES = [UnZipColumnMaskMerge]

@@ -78,17 +78,21 @@ def test_gpu_benchmark_variants_restore_what_they_change(host):
     assert attention.optimized_attention is chosen_attention and trainer.make_optimizer is make_optimizer
 
 
-def test_memory_estimate_gives_every_trainer_and_setting_and_the_table_follows_it(host, tmp_path):
-    """The full-size SDXL UNet on the meta device: one record per trainer and setting, the goals
-    met, and ``training.memory.PEAK_GIB`` (what ``auto`` decides with) equal to the estimate."""
+def test_memory_estimate_gives_every_method_and_setting_and_the_registry_follows_it(host, tmp_path):
+    """The full-size SDXL UNet on the meta device: one record per trained method and setting, the
+    goals met, and each method's ``memory_peak_gib`` in the registry (what ``auto`` decides with)
+    equal to the estimate for that method, not borrowed from another."""
     memory = host.pack("training.memory")
+    methods = host.pack("methods")
+    trained = {m.key: m for m in methods.METHODS if m.recipe is not None}
     output = run_bench("memory_estimate.py", "--json", str(tmp_path / "memory.json"))
     assert "b-lora (160 layers)" in output and "MISSED" not in output
     records = json.loads((tmp_path / "memory.json").read_text())
-    assert {(r["trainer"], r["memory"]) for r in records} == {(t, s) for t in memory.PEAK_GIB for s in memory.CHECKPOINTED}
+    assert {(r["method"], r["memory"]) for r in records} == {(k, s) for k in trained for s in memory.CHECKPOINTED}
     for record in records:
         assert record["resolution"] == 1024 and record["resident_weights_gib"] > 4.5
-        assert record["peak_gib"] == pytest.approx(memory.PEAK_GIB[record["trainer"]][record["memory"]], abs=0.01)
+        peak = trained[record["method"]].memory_peak_gib[record["memory"]]
+        assert record["peak_gib"] == pytest.approx(peak, abs=0.01)
         assert record["peak_gib"] > record["resident_weights_gib"] + record["saved_for_backward_gib"]
 
 

@@ -20,7 +20,7 @@ from devkit import server as server_harness
 from devkit.host import COMFYUI_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
-from blora_pack.core import workflow_format  # noqa: E402
+from blora_pack.command_line import workflow_format  # noqa: E402
 
 ARTIFACTS = ROOT / "test-artifacts"
 STEPS = 4

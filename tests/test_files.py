@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from blora_pack.core import contact_sheet, files, library
+from blora_pack.core import files
+from blora_pack.command_line import contact_sheet, library_files as library
 from blora_pack.training import checkpoint
 from blora_pack.training.trainer import TrainingState
 from devkit import PACK_ROOT

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from blora_pack.command_line import sample_image
-from blora_pack.core import contact_sheet, library
+from blora_pack.command_line import contact_sheet, library_files as library
 from devkit import PACK_ROOT
 from devkit.host import COMFYUI_PATH, NO_HOST_REASON
 

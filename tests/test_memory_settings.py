@@ -21,19 +21,19 @@ def replaced_forwards(model_patcher) -> list[str]:
 
 def one_step_gradients(host, model, checkpointed: bool):
     """Loss and LoRA gradients of one B-LoRA step through the host's training clone."""
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     diffusion = host.pack("training.diffusion")
     adapters = host.pack("training.lora_adapters").LoraAdapterSet(
-        host_training.target_shapes(model, recipes.B_LORA), 4, None)
+        host_training.target_shapes(model, sdxl.B_LORA.layers), 4, None)
     adapters.reset(0)
     with torch.no_grad():
-        for adapter in adapters.adapters:
+        for adapter in adapters.layers:
             adapter.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(adapter.up.shape[0]))
     latents, positive = tiny_models.image_and_prompt()
     x0 = host_training.training_latents(model, latents)
     conditionings = host_training.conditioning_per_image(model, positive, 1)
-    with host_training.training_model(model, adapters, dict(adapters.items()),
+    with host_training.training_model(model, adapters, adapters.weight_wrappers(),
                                       checkpoint_backward_path=checkpointed) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         draw = diffusion.draw_step(3, 0, 1, x0.shape)
@@ -59,11 +59,11 @@ def test_checkpointing_gives_the_same_loss_and_gradients(host, loaded_sdxl):
 
 def test_backward_path_of_each_trainer(host, tiny_sdxl):
     gradient_checkpointing = host.pack("training.gradient_checkpointing")
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     unet = tiny_sdxl.model.diffusion_model
-    for recipe, first in ((recipes.B_LORA, unet.output_blocks[0][0]), (recipes.UNZIPLORA, unet.input_blocks[4][0])):
-        layers = gradient_checkpointing.backward_path_layers(unet, host_training.target_shapes(tiny_sdxl, recipe))
+    for method, first in ((sdxl.B_LORA, unet.output_blocks[0][0]), (sdxl.UNZIPLORA, unet.input_blocks[4][0])):
+        layers = gradient_checkpointing.backward_path_layers(unet, host_training.target_shapes(tiny_sdxl, method.layers))
         assert layers[0] is first and layers[-1] is unet.out
     assert gradient_checkpointing.backward_path_layers(unet, []) == []
 
@@ -103,15 +103,17 @@ def test_cancel_with_checkpointing_restores_every_layer(host, loaded_sdxl, loras
 
 def test_auto_picks_the_fastest_setting_that_fits(host):
     memory = host.pack("training.memory")
-    assert memory.resolve("auto", "b-lora", None)[0] == "fastest"  # a CPU: memory is not the limit
-    assert memory.resolve("auto", "b-lora", 24.0)[0] == "fastest"
-    assert memory.resolve("auto", "b-lora", 8.0)[0] == "8 GB"
-    assert memory.resolve("auto", "unziplora", 16.0)[0] == "8 GB"
-    setting, why = memory.resolve("auto", "unziplora", 6.0)
+    sdxl = host.pack("methods.sdxl")
+    b_lora, unziplora = sdxl.B_LORA.memory_peak_gib, sdxl.UNZIPLORA.memory_peak_gib
+    assert memory.resolve("auto", b_lora, None)[0] == "fastest"  # a CPU: memory is not the limit
+    assert memory.resolve("auto", b_lora, 24.0)[0] == "fastest"
+    assert memory.resolve("auto", b_lora, 8.0)[0] == "8 GB"
+    assert memory.resolve("auto", unziplora, 16.0)[0] == "8 GB"
+    setting, why = memory.resolve("auto", unziplora, 6.0)
     assert setting == "8 GB" and "only 6.0 GiB are free" in why
-    assert memory.resolve("8 GB", "b-lora", 80.0) == ("8 GB", "memory 8 GB (as chosen)")
+    assert memory.resolve("8 GB", b_lora, 80.0) == ("8 GB", "memory 8 GB (as chosen)")
     with pytest.raises(ValueError, match="memory must be one of"):
-        memory.resolve("16 GB", "b-lora", 8.0)
+        memory.resolve("16 GB", b_lora, 8.0)
 
 
 def recorded_notes(host, monkeypatch) -> list:

@@ -56,7 +56,9 @@ def test_front_end_script_and_recipe_defaults_are_served(server):
     url, _ = server
     scripts = server_harness.get_json(url, "/extensions")
     assert any(s.endswith("/blora_training.js") for s in scripts), scripts
-    recipes = server_harness.get_json(url, "/blora/recipes")
+    served = server_harness.get_json(url, "/blora/methods")
+    assert served["training_nodes"] == ["BLoRATrain", "UnZipLoRATrain"]
+    recipes = served["recipes"]
     assert recipes["all attention layers (style LoRA)"] == {"rank": 8, "learning_rate": 1e-5, "alpha": 0.0, "steps": 1000}
     assert recipes["B-LoRA blocks (content + style)"]["rank"] == 64
 
@@ -83,7 +85,7 @@ def test_the_pack_loaded_twice_into_one_server_is_harmless(host, tmp_path):
     the installed pack): both load, the server starts, the routes answer once."""
     workdir = tmp_path / "server"
     with server_harness.comfy_server(COMFYUI_PATH, workdir, extra_packs=(PACK_ROOT,)) as url:
-        assert server_harness.get_json(url, "/blora/recipes")["B-LoRA blocks (content + style)"]["rank"] == 64
+        assert server_harness.get_json(url, "/blora/methods")["recipes"]["B-LoRA blocks (content + style)"]["rank"] == 64
         assert server_harness.get_json(url, "/object_info/BLoRATrain")["BLoRATrain"]["display_name"] == "Train B-LoRA"
     log = (workdir / "server.log").read_text()
     for folder in (server_harness.PACK_FOLDER_NAME, PACK_ROOT.name):

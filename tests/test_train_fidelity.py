@@ -49,7 +49,7 @@ def run_inputs():
 def test_one_step_equals_the_official_recipe(host, tiny_sdxl, run_inputs):
     from diffusers import DDPMScheduler
 
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     diffusion = host.pack("training.diffusion")
     trainer = host.pack("training.trainer")
@@ -57,7 +57,7 @@ def test_one_step_equals_the_official_recipe(host, tiny_sdxl, run_inputs):
     adapter_set = host.pack("training.lora_adapters")
     latents, positive = run_inputs
 
-    shapes = host_training.target_shapes(tiny_sdxl, recipes.B_LORA)
+    shapes = host_training.target_shapes(tiny_sdxl, sdxl.B_LORA.layers)
     assert len(shapes) == 2 * 2 * 8
     adapters = adapter_set.LoraAdapterSet(shapes, RANK, None)
     adapters.reset(SEED)
@@ -87,7 +87,7 @@ def test_one_step_equals_the_official_recipe(host, tiny_sdxl, run_inputs):
     torch.optim.AdamW(reference_params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8).step()
 
     # the pack, on the host's model
-    with host_training.training_model(tiny_sdxl, adapters, dict(adapters.items())) as (clone, device):
+    with host_training.training_model(tiny_sdxl, adapters, adapters.weight_wrappers()) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         schedule = host_training.noise_schedule(clone)
         torch.testing.assert_close(schedule.float(), scheduler.alphas_cumprod, rtol=1e-6, atol=1e-7)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from blora_pack.training import diffusion, trainer
-from blora_pack.training.lora_adapters import LoraAdapterSet
+from blora_pack.training.lora_adapters import LoraAdapterSet, WeightDelta
 
 ALPHAS_CUMPROD = torch.linspace(0.9991, 0.0047, diffusion.NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
 
@@ -28,7 +28,7 @@ class ToyModel:
     def __call__(self, noisy, timesteps, index):
         self.calls += 1
         (_, adapter), = self.adapters.items()
-        out = F.linear(noisy.flatten(1), adapter(self.weight)).view_as(noisy)
+        out = F.linear(noisy.flatten(1), WeightDelta(adapter)(self.weight)).view_as(noisy)
         if self.poison_after is not None and self.calls > self.poison_after:
             out = out * math.nan
         return out
@@ -171,7 +171,7 @@ def test_adapter_starts_as_a_no_op_with_the_official_init():
     assert torch.count_nonzero(adapter.up) == 0
     assert 0.08 < adapter.down.std().item() < 0.17  # normal(std = 1/rank = 0.125)
     weight = torch.randn(32, 16)
-    assert torch.equal(adapter(weight), weight)
+    assert torch.equal(WeightDelta(adapter)(weight), weight)
 
 
 @pytest.mark.parametrize("alpha, scale", [(None, 1.0), (8.0, 1.0), (16.0, 2.0), (4.0, 0.5)])
@@ -182,7 +182,7 @@ def test_adapter_adds_the_scaled_product_to_the_weight(alpha, scale):
         adapter.up.normal_()
         adapter.down.normal_()
     weight = torch.randn(32, 16)
-    torch.testing.assert_close(adapter(weight), weight + scale * adapter.up.detach() @ adapter.down.detach())
+    torch.testing.assert_close(WeightDelta(adapter)(weight), weight + scale * adapter.up.detach() @ adapter.down.detach())
 
 
 def test_v_prediction_target():

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from devkit import tiny_models
 from devkit.unziplora_reference import (
     LEARNING_RATE_OF, LR_CONTENT, LR_MERGER, LR_STYLE, OVERLAP_WEIGHT, RANK, RATIO, SAMPLE_TIMES, SEED, STEPS_PLANNED,
-    THRESHOLD, Reference,
+    THRESHOLD, Reference, initial_parameters, reference_parameters,
 )
 
 def test_one_period_equals_the_reference(host, tiny_sdxl):
-    recipes = host.pack("training.recipes")
+    sdxl = host.pack("methods.sdxl")
     host_training = host.pack("host.training")
     diffusion = host.pack("training.diffusion")
     trainer = host.pack("training.trainer")
@@ -36,9 +36,9 @@ def test_one_period_equals_the_reference(host, tiny_sdxl):
     contexts = {"content": content_prompt[0][0], "style": style_prompt[0][0]}
     settings = unziplora.UnZipConfig(sample_times=SAMPLE_TIMES, column_ratio=RATIO, merger_learning_rate=LR_MERGER,
                                      style_learning_rate=LR_STYLE, overlap_weight=OVERLAP_WEIGHT, cone_threshold=THRESHOLD)
-    shapes = host_training.target_shapes(tiny_sdxl, recipes.ALL_ATTENTION)
+    shapes = host_training.target_shapes(tiny_sdxl, sdxl.ALL_ATTENTION)
     layers = unziplora.make_layers(shapes, RANK, settings, SEED)
-    initial = {path: {k: v.detach().clone() for k, v in layer.named_parameters()} for path, layer in layers.items()}
+    initial = initial_parameters(layers)
     method = unziplora.UnZipMethod(layers, STEPS_PLANNED, LR_CONTENT, settings)
 
     x0 = host_training.training_latents(tiny_sdxl, latents)
@@ -58,7 +58,8 @@ def test_one_period_equals_the_reference(host, tiny_sdxl):
         method.before_step(0)
         loss = diffusion.denoising_loss(predict, x0, draws[0], schedule)
         loss.backward()
-        ours_grads = {p: {k: v.grad.clone() for k, v in l.named_parameters() if v.grad is not None} for p, l in layers.items()}
+        ours_grads = {p: {k: v.grad.clone() for k, v in reference_parameters(l).items() if v.grad is not None}
+                      for p, l in layers.items()}
         method.modules.zero_grad(set_to_none=True)
         state = trainer.train(method.modules, predict, x0, schedule,
                               trainer.TrainConfig(steps=3, learning_rate=LR_CONTENT, seed=SEED), method=method)
@@ -86,17 +87,17 @@ def test_one_period_equals_the_reference(host, tiny_sdxl):
     for path, layer in layers.items():
         p = reference.params[sdxl_unet.ldm_to_diffusers(path)]
         for role in ("content", "style"):
-            ours_mask, reference_mask = getattr(layer, f"mask_{role}").cpu(), p[f"mask_{role}"]
+            ours_mask, reference_mask = layer.mask(role).cpu(), p[f"mask_{role}"]
             selected += int(reference_mask.sum())
             mismatched += int((ours_mask != reference_mask).sum())
             columns += reference_mask.numel()
             identical += int(torch.equal(ours_mask, reference_mask))
-        if not all(torch.equal(getattr(layer, f"mask_{r}").cpu(), p[f"mask_{r}"]) for r in ("content", "style")):
+        if not all(torch.equal(layer.mask(r).cpu(), p[f"mask_{r}"]) for r in ("content", "style")):
             continue  # its masked forward differs by a column, so its step-2 update does too
         for name, lr in LEARNING_RATE_OF.items():
             # three AdamW steps move an element by about 3 lr; rounding decides the sign where a
             # gradient is within a few eps of zero, so most (not all) elements agree to 1% of lr
-            difference = (getattr(layer, name).detach().cpu() - p[name].detach()).abs()
+            difference = (reference_parameters(layer)[name].detach().cpu() - p[name].detach()).abs()
             assert (difference <= 0.01 * lr).float().mean() >= 0.97, (path, name)
             assert difference.max() <= 2.01 * 3 * lr, (path, name)
     # scores count rows above a threshold: a row within float noise of it can move one column

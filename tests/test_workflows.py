@@ -23,7 +23,7 @@ from devkit import tiny_models
 from devkit.host import COMFYUI_PATH
 
 from blora_pack.command_line.tiny import swap_loaders_for_tiny
-from blora_pack.core import workflow_format
+from blora_pack.command_line import workflow_format
 
 ALL_WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 WORKFLOWS = [w for w in ALL_WORKFLOWS if not w.stem.endswith("_ipadapter")]

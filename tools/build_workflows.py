@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from devkit import PACK_ROOT as ROOT
-from blora_pack.core.workflow_format import Node, Note, build_ui
+from blora_pack.command_line.workflow_format import Node, Note, build_ui
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SAMPLER = {"seed": 0, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}

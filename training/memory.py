@@ -5,8 +5,9 @@
   (``gradient_checkpointing.backward_path_layers``): activations are recomputed in backward
   instead of kept, for about one more forward pass of those layers per step.
 
-``PEAK_GIB`` is the whole training peak at 1024 x 1024 on the full-size SDXL UNet (resident
-weights included), counted by ``bench/memory_estimate.py`` on the meta device (BENCHMARKS.md);
+Each method's record in the registry (``methods``, ``memory_peak_gib``) holds its whole training
+peak per setting at 1024 x 1024 on the full-size model (resident weights included), counted by
+``bench/memory_estimate.py`` on the meta device for that method (BENCHMARKS.md);
 ``auto`` takes the fastest setting whose peak, plus a margin for the CUDA context and the
 allocator, fits the free VRAM at start; the peaks are estimates, so if the GPU still runs out
 of memory, ``auto`` goes on with the next smaller setting (``smaller_after_oom``).
@@ -14,22 +15,21 @@ of memory, ``auto`` goes on with the next smaller setting (``smaller_after_oom``
 
 from __future__ import annotations
 
+from typing import Mapping
+
 AUTO, FASTEST, EIGHT_GB = "auto", "fastest", "8 GB"
 SETTINGS = (AUTO, FASTEST, EIGHT_GB)
 CHECKPOINTED = {FASTEST: False, EIGHT_GB: True}
 """Whether a (resolved) setting checkpoints the backward path; fastest first, smallest last."""
 
-PEAK_GIB = {
-    "b-lora": {FASTEST: 9.24, EIGHT_GB: 6.23},
-    "unziplora": {FASTEST: 21.27, EIGHT_GB: 9.53},
-}
-"""Training peak per trainer and setting at 1024 x 1024 (bench/memory_estimate.py, BENCHMARKS.md)."""
 MARGIN_GIB = 0.8
 """CUDA context and allocator fragmentation, on top of the estimated peak."""
 
 
-def resolve(setting: str, trainer: str, free_gib: float | None, pixels: int = 1024 * 1024) -> tuple[str, str]:
-    """The setting to train with and why, for the status text and the log. ``free_gib``: free
+def resolve(setting: str, peak_gib: Mapping[str, float], free_gib: float | None,
+            pixels: int = 1024 * 1024) -> tuple[str, str]:
+    """The setting to train with and why, for the status text and the log. ``peak_gib``: the
+    method's estimated peak per setting (its registry record). ``free_gib``: free
     VRAM at start (None on a CPU, where memory is not the limit). Peaks scale with the image's
     pixel count for the activation part; the estimate at 1024 x 1024 is used for larger images."""
     if setting not in SETTINGS:
@@ -40,10 +40,10 @@ def resolve(setting: str, trainer: str, free_gib: float | None, pixels: int = 10
         return FASTEST, "memory auto: fastest (no GPU memory limit on this device)"
     scale = max(pixels / (1024 * 1024), 1.0)
     for candidate in (FASTEST, EIGHT_GB):
-        needed = PEAK_GIB[trainer][candidate] * scale + MARGIN_GIB
+        needed = peak_gib[candidate] * scale + MARGIN_GIB
         if needed <= free_gib:
             return candidate, f"memory auto: {candidate} (needs about {needed:.1f} GiB, {free_gib:.1f} GiB free)"
-    needed = PEAK_GIB[trainer][EIGHT_GB] * scale + MARGIN_GIB
+    needed = peak_gib[EIGHT_GB] * scale + MARGIN_GIB
     return EIGHT_GB, (f"memory auto: 8 GB, the smallest setting (needs about {needed:.1f} GiB but only "
                       f"{free_gib:.1f} GiB are free: close other programs or lower the image size)")
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .diffusion import denoising_loss, draw_batch
-from .recipes import PRECISIONS
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+PRECISIONS = tuple(AUTOCAST_DTYPES)
+"""What training computes in."""
+DEFAULT_PRECISION = "fp16"
+"""The papers' (with a gradient scaler); on a CPU it runs as fp32."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,6 +28,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A run's whole resolved configuration: what the loop reads and what identifies the run.
+
+    A checkpoint and every trained file record it whole; a resume must match it (see
+    ``checkpoint.resumable_config`` for the few fields that may change)."""
+
     steps: int
     learning_rate: float
     seed: int = 0
@@ -42,6 +50,20 @@ class TrainConfig:
     prediction: str = "epsilon"
     max_bad_steps: int = 20
     """Consecutive non-finite steps tolerated (each is skipped) before training stops."""
+    method: str = ""
+    """The registry key of the method (``methods``)."""
+    recipe: str = ""
+    rank: int = 0
+    alpha: float = 0.0
+    images: int = 1
+    images_sha256: str = ""
+    """Of the encoded latents the run trains on."""
+    conditioning_sha256: str = ""
+    """Of the prompts' embeddings (every stream the method feeds)."""
+    base_model_sha256: str = ""
+    """Of the base weights of the trained layers."""
+    method_settings: Mapping[str, Any] = field(default_factory=dict)
+    """The method's own settings (UnZipLoRA's column separation, ...)."""
 
     def __post_init__(self):
         if self.steps < 1:
@@ -99,6 +121,9 @@ class TrainingMethod:
 
     def after_update(self, step: int) -> None:
         pass
+
+    def finish(self) -> None:
+        """After the last step (also of a run resumed with none left), before the final files."""
 
 
 def make_optimizer(parameter_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -27,31 +27,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import sdxl_unet
+from ..core import column_masks, lora_format, sdxl_unet
+from ..core.lora_format import LoraWeights
+from ..core.lora_layer import LoraLayer
+from ..methods.sdxl import UNZIPLORA
+from .job import LoraFile, OutputFiles, TrainingJob, blocks_of, file_metadata
+from .trainer import TrainConfig, TrainingMethod
 
-CONE_THRESHOLD = 1e-5
+_PUBLISHED = UNZIPLORA.recipe.settings
 OFFICIAL_INITIAL_LOSS_SCALE = 2.0 ** 16
-UNSCALED_CONE_THRESHOLD = CONE_THRESHOLD / OFFICIAL_INITIAL_LOSS_SCALE
+UNSCALED_CONE_THRESHOLD = _PUBLISHED["cone_threshold"] / OFFICIAL_INITIAL_LOSS_SCALE
 ROLES = ("content", "style")
-
-SPARSE_ONLY = {
-    # blocks only in the official style dictionary: style sparse, content uses every column
-    "output_blocks.0.1": "style", "output_blocks.2.1": "style",
-    # blocks only in the official content dictionary: content sparse, style uses every column
-    "output_blocks.1.1": "content", "output_blocks.3.1": "content", "output_blocks.4.1": "content",
-    "output_blocks.5.1": "content",
-}
-"""Block separation (``--with_freeze_unet``, on by default): the LoRA that gets a sparse mask
-in each block; blocks not listed (down path, middle) are shared: both sparse."""
+SPARSE_ONLY = UNZIPLORA.block_roles
+"""Block separation: the LoRA that gets a sparse mask in each block (the registry's record says
+which); blocks not listed (down path, middle) are shared: both sparse."""
 
 
 @dataclass(frozen=True)
 class UnZipConfig:
-    sample_times: int = 3
-    column_ratio: float = 0.1
-    merger_learning_rate: float = 5e-3
-    style_learning_rate: float = 5e-5
-    overlap_weight: float = 0.5
+    """UnZipLoRA's own settings; the defaults are the official ones (``methods.sdxl.UNZIPLORA``)."""
+
+    sample_times: int = _PUBLISHED["sample_times"]
+    column_ratio: float = _PUBLISHED["column_ratio"]
+    merger_learning_rate: float = _PUBLISHED["merger_learning_rate"]
+    style_learning_rate: float = _PUBLISHED["style_learning_rate"]
+    overlap_weight: float = _PUBLISHED["overlap_weight"]
     prompt_separation: bool = True
     column_separation: bool = True
     block_separation: bool = True
@@ -66,14 +66,14 @@ class UnZipConfig:
             raise ValueError(f"column_ratio must be in (0, 1], got {self.column_ratio}.")
 
 
-class UnZipLayer(nn.Module):
-    """The two LoRAs of one linear layer, their mergers and column masks."""
+class UnZipLayer(LoraLayer):
+    """The two LoRAs of one linear layer (adapters ``content`` and ``style``, scale 1), their
+    mergers and column masks."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, sparse_only: str | None = None):
         super().__init__()
         for role in ROLES:
-            setattr(self, f"{role}_down", nn.Parameter(torch.zeros(rank, in_features)))
-            setattr(self, f"{role}_up", nn.Parameter(torch.zeros(out_features, rank)))
+            self.add_trainable(role, out_features, in_features, rank)
             setattr(self, f"merge_{role}", nn.Parameter(torch.ones(out_features)))
             self.register_buffer(f"mask_{role}", torch.zeros(out_features, dtype=torch.bool))
         self.sparse_only = sparse_only
@@ -83,25 +83,28 @@ class UnZipLayer(nn.Module):
         """Official init: both factors of both LoRAs ~ normal(std 1/rank), mergers 1."""
         with torch.no_grad():
             for role in ROLES:
-                for part in ("down", "up"):
-                    param = getattr(self, f"{role}_{part}")
-                    param.copy_(torch.randn(param.shape, generator=generator) / self.content_down.shape[0])
+                for param in self.factors(role):
+                    param.copy_(torch.randn(param.shape, generator=generator) / self.rank_of(role))
 
-    def factors(self, role: str) -> tuple[nn.Parameter, nn.Parameter]:
-        return getattr(self, f"{role}_down"), getattr(self, f"{role}_up")
+    def merger(self, role: str) -> nn.Parameter:
+        """One weight per output feature (column), trained where the masks overlap."""
+        return getattr(self, f"merge_{role}")
+
+    def mask(self, role: str) -> torch.Tensor:
+        """The binary column mask (a buffer: it moves with the layer and is not trained)."""
+        return getattr(self, f"mask_{role}")
 
     def column_weights(self, role: str) -> torch.Tensor:
         """Per output feature: merger, times the binary mask while masking is on."""
-        merger = getattr(self, f"merge_{role}")
-        return merger * getattr(self, f"mask_{role}") if self.masked else merger
+        return self.merger(role) * self.mask(role) if self.masked else self.merger(role)
 
-    def delta(self, role: str) -> torch.Tensor:
-        """(out, in) weight change of one LoRA, columns weighted."""
-        down, up = self.factors(role)
-        return (up @ down) * self.column_weights(role)[:, None]
+    def column_weighted_delta(self, role: str) -> torch.Tensor:
+        """(out, in) weight change of one LoRA, columns weighted (under the ambient autocast, as
+        the official layer)."""
+        return self.delta(role, float32=False) * self.column_weights(role)[:, None]
 
-    def lora_output(self, inputs: torch.Tensor, role: str) -> torch.Tensor:
-        return inputs @ self.delta(role).to(inputs.dtype).t()
+    def column_weighted_output(self, inputs: torch.Tensor, role: str) -> torch.Tensor:
+        return inputs @ self.column_weighted_delta(role).to(inputs.dtype).t()
 
     def merger_overlap(self) -> torch.Tensor:
         """Mean |m_c b_c * m_s b_s| (without the masks before masking starts)."""
@@ -111,7 +114,7 @@ class UnZipLayer(nn.Module):
         """Per output feature, the fraction of input rows where |W * G| > threshold, with W the
         LoRA's product and G its gradient (product rule over both factors, times the merger)."""
         down, up = self.factors(role)
-        merger = getattr(self, f"merge_{role}")
+        merger = self.merger(role)
         weight = down.detach().t() @ up.detach().t()
         gradient = torch.zeros_like(weight)
         if down.grad is not None:
@@ -143,29 +146,28 @@ class UnZipLayer(nn.Module):
         else:
             sparse = self.sparse_only
             full = "content" if sparse == "style" else "style"
-            mask = getattr(self, f"mask_{sparse}")
-            mask |= top(scores[sparse])
-            getattr(self, f"mask_{full}").fill_(True)
+            self.mask(sparse).logical_or_(top(scores[sparse]))
+            self.mask(full).fill_(True)
         self.masked = True
 
     def keep_merger_gradients_on_overlap(self) -> None:
         overlap = self.mask_content & self.mask_style
         for role in ROLES:
-            merger = getattr(self, f"merge_{role}")
+            merger = self.merger(role)
             if merger.grad is not None:
                 merger.grad *= overlap
 
     def clamp_mergers(self) -> None:
         with torch.no_grad():
             for role in ROLES:
-                getattr(self, f"merge_{role}").clamp_(0, 1)
+                self.merger(role).clamp_(0, 1)
 
     def saved_factors(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) as saved: the binary mask baked into up's rows while masking is on (as the
         official files), the merger kept apart."""
         down, up = (p.detach().float().cpu() for p in self.factors(role))
         if self.masked:
-            up = up * getattr(self, f"mask_{role}").float().cpu()[:, None]
+            up = up * self.mask(role).float().cpu()[:, None]
         return down.clone(), up.clone()
 
 
@@ -188,7 +190,8 @@ class UnZipLinear(nn.Module):
         content_in = inputs if self.content_input is None else self.content_input.to(inputs).expand_as(inputs)
         style_in = inputs if self.style_input is None else self.style_input.to(inputs).expand_as(inputs)
         output = self.base(inputs)
-        return output + (self.layer.lora_output(content_in, "content") + self.layer.lora_output(style_in, "style")).to(output.dtype)
+        return output + (self.layer.column_weighted_output(content_in, "content")
+                         + self.layer.column_weighted_output(style_in, "style")).to(output.dtype)
 
 
 PROMPT_SEPARATED = ("attn2.to_k", "attn2.to_v")
@@ -232,8 +235,8 @@ def masked_at(step: int, steps: int, config: UnZipConfig) -> bool:
     return not (step == 0 or step % period == 1)
 
 
-class UnZipMethod:
-    """The UnZipLoRA parts of a training step, as a ``trainer.TrainingMethod``."""
+class UnZipMethod(TrainingMethod):
+    """The UnZipLoRA parts of a training step."""
 
     def __init__(self, layers: dict[str, UnZipLayer], steps: int, learning_rate: float, config: UnZipConfig):
         self.layers = layers
@@ -247,7 +250,7 @@ class UnZipMethod:
         return [
             {"params": [p for l in layers for p in l.factors("content")], "lr": self.learning_rate},
             {"params": [p for l in layers for p in l.factors("style")], "lr": self.config.style_learning_rate},
-            {"params": [getattr(l, f"merge_{r}") for l in layers for r in ROLES], "lr": self.config.merger_learning_rate},
+            {"params": [l.merger(r) for l in layers for r in ROLES], "lr": self.config.merger_learning_rate},
         ]
 
     def before_step(self, step: int) -> None:
@@ -255,7 +258,7 @@ class UnZipMethod:
         for layer in self.modules:
             layer.masked = masked
             for role in ROLES:
-                getattr(layer, f"merge_{role}").requires_grad_(masked)
+                layer.merger(role).requires_grad_(masked)
 
     def extra_loss(self, step: int) -> torch.Tensor | None:
         if not masked_at(step, self.steps, self.config) or self.config.overlap_weight == 0:
@@ -284,3 +287,33 @@ class UnZipMethod:
         """The saved state is the masked one, as the official script saves it."""
         for layer in self.modules:
             layer.masked = self.config.column_separation
+
+
+def role_weights(layers: dict[str, UnZipLayer], role: str) -> LoraWeights:
+    """One LoRA as saved: masks baked into ``up`` (as the official files), scale 1."""
+    trained = {}
+    for path, layer in layers.items():
+        down, up = layer.saved_factors(role)
+        trained[path] = LoraLayer(down=down, up=up, alpha=float(down.shape[0]))
+    return LoraWeights(trained)
+
+
+def mergers(layers: dict[str, UnZipLayer], role: str) -> dict[str, torch.Tensor]:
+    return {path: layer.merger(role).detach().float().cpu() for path, layer in layers.items()}
+
+
+def unziplora_job(config: TrainConfig, files: OutputFiles, shapes: dict[str, tuple[int, int]],
+                  contexts: dict[str, torch.Tensor], settings: UnZipConfig, prompt: str) -> TrainingJob:
+    """Two LoRAs trained jointly (``files.roles`` = ``ROLES``); each file carries its mergers in
+    its metadata, so that its tensors stay a plain LoRA every loader reads."""
+    layers = make_layers(shapes, config.rank, settings, config.seed)
+    method = UnZipMethod(layers, config.steps, config.learning_rate, settings)
+    blocks = blocks_of(shapes)
+
+    def build(config: TrainConfig, role: str) -> LoraFile:
+        metadata = {**file_metadata(UNZIPLORA, config, blocks, prompt), "unziplora.role": role,
+                    column_masks.MERGERS_METADATA_KEY: column_masks.mergers_to_metadata(mergers(layers, role))}
+        return lora_format.to_kohya_state_dict(role_weights(layers, role)), metadata
+
+    return TrainingJob(UNZIPLORA, config, files, method.modules, build, training_method=method,
+                       module_wrappers=module_wrappers(layers, contexts, settings))

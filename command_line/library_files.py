@@ -30,7 +30,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from . import files
+from ..core import files
 
 DEFAULT_PROMPT = "A [v]"
 CAPTIONS_FILE = "captions.txt"

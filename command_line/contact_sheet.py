@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import files, library, loss_plot
+from ..core import files, loss_plot
+from . import library_files as library
 
 THUMBNAIL = 128
 CURVE_WIDTH = 384

@@ -1,0 +1,53 @@
+"""What the nodes' schemas share: their category; for the training nodes the appended
+``memory`` and ``overwrite`` inputs, the seed, and the node output made from a finished run."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..core import loss_plot
+from ..host import compat, written_files
+from ..host.training_run import TrainingResult
+from ..training import memory as memory_settings
+from ..training.job import TrainingJob
+
+CATEGORY = "B-LoRA"
+
+
+def memory_input() -> io.Combo.Input:
+    return io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO, optional=True,
+                          tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
+                                  "which), moving on to 8 GB if the GPU runs out of memory anyway. fastest: everything "
+                                  "kept for backward. 8 GB: gradient checkpointing of the layers backward runs through "
+                                  "(recomputed, about one more partial forward per step), for 1024 px on an 8 GB card.")
+
+
+def overwrite_input() -> io.Boolean.Input:
+    return io.Boolean.Input("overwrite", default=False, optional=True,
+                            tooltip="Replace a finished LoRA of the same name. Off: the new file gets the next free "
+                                    "name (name_2, name_3, ...), as ComfyUI's savers number theirs; the lora_name "
+                                    "output and the status say which.")
+
+
+def seed_input() -> io.Int.Input:
+    return io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=compat.fixed_seed_control(),
+                        tooltip="Seeds the LoRA init, timesteps and noise. A resume continues with its checkpoint's "
+                                "seed, whatever this says.")
+
+
+def fingerprint(node_id: str, lora_name: str) -> tuple:
+    """For ``fingerprint_inputs``: the node runs again when a file it wrote is gone."""
+    return written_files.fingerprint(node_id, lora_name)
+
+
+WRITTEN_UI_KEY = "blora_files"
+"""The UI output listing the LoRA files a training node wrote (what the command line prints)."""
+
+
+def training_output(node_id: str, lora_name: str, job: TrainingJob, result: TrainingResult, model) -> io.NodeOutput:
+    """``(model, *the written files' names, loss curve, losses)`` with the status line."""
+    written_files.record(node_id, lora_name, result.written)
+    names = [job.files.relative(path) for path in result.written]
+    losses = result.state.losses
+    shown = {**ui.PreviewText(result.status).as_dict(), WRITTEN_UI_KEY: [str(path) for path in result.written]}
+    return io.NodeOutput(model, *names, loss_plot.loss_curve_image(losses), {"loss": losses}, ui=shown)
