@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .. import methods
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
 from . import library as library_command

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from . import sdxl_unet
-
-BLOCK_BY_ROLE = {"content": sdxl_unet.CONTENT_BLOCK, "style": sdxl_unet.STYLE_BLOCK}
-
 STRENGTH_MODES = ("comfyui (linear)", "official B-LoRA (squared)")
 """How ``strength`` scales the delta.
 

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-RECHAR_SIZE = 1024
-CANNY_LOW, CANNY_HIGH = 100, 200
+from ..methods.sdxl import RECHAR
+
+RECHAR_SIZE = RECHAR.defaults["glyph_size"]
+CANNY_LOW, CANNY_HIGH = RECHAR.defaults["canny_low"], RECHAR.defaults["canny_high"]
 
 
 def canny_edges(image: torch.Tensor, size: int = RECHAR_SIZE) -> torch.Tensor:

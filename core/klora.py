@@ -45,37 +45,35 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import struct
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import sdxl_unet
+from ..methods.sdxl import K_LORA
+from . import layer_sets, sdxl_unet
 from .lora_format import LoraFormatError, LoraWeights
 from .step_lora import LowRankOutput, SamplingCall, StepListener
 
 PATTERNS = ("s*", "s")
 SCHEDULES = ("normalized", "official")
-DEFAULT_ALPHA = 1.5
-OFFICIAL_SUM_TIMESTEPS = 28000
+DEFAULT_ALPHA = K_LORA.defaults["alpha"]
+OFFICIAL_SUM_TIMESTEPS = K_LORA.defaults["sum_timesteps"]
 """``inference_sd.py``'s ``sum_timesteps``: 560 SDXL attention projections × 50 steps."""
-OUTLIER_FACTOR = 3.0
-
-ATTENTION_PROJECTION = re.compile(r"^.+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+OUTLIER_FACTOR = K_LORA.defaults["outlier_factor"]
 
 _FLOAT32 = struct.Struct("f")
 
 
 def default_beta(pattern: str, alpha: float) -> float:
     """``inference_sd.py`` (newest): β = 0.85 α for ``s*``, 0.5 for ``s``."""
-    return 0.85 * alpha if pattern == "s*" else 0.5
+    return K_LORA.defaults["beta_s*"] * alpha if pattern == "s*" else K_LORA.defaults["beta_s"]
 
 
 @dataclass(frozen=True)
 class KLoRASettings:
-    pattern: str = "s*"
+    pattern: str = K_LORA.defaults["pattern"]
     alpha: float = DEFAULT_ALPHA
     beta: float = 0.0
     """0: the pattern's default (:func:`default_beta`)."""
@@ -150,7 +148,7 @@ class Fusion:
 
 
 def plan_fusion(content: LoraWeights, style: LoraWeights, device: torch.device | str = "cpu") -> Fusion:
-    common = [p for p in set(content.layers) & set(style.layers) if ATTENTION_PROJECTION.match(p)]
+    common = [p for p in set(content.layers) & set(style.layers) if layer_sets.selects(K_LORA.layers, p)]
     if not common:
         raise LoraFormatError(
             f"The content LoRA ({len(content.layers)} layers) and the style LoRA ({len(style.layers)} layers) "

@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import re
 
-CONTENT_BLOCK = "output_blocks.0.1"
-"""B-LoRA content block: diffusers ``up_blocks.0.attentions.0``."""
-STYLE_BLOCK = "output_blocks.1.1"
-"""B-LoRA style block: diffusers ``up_blocks.0.attentions.1``."""
-
 LEVELS = 3
 RES_BLOCKS_PER_LEVEL = 2
 LEVELS_WITH_ATTENTION = (1, 2)

@@ -7,6 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import klora
+from ..methods.sdxl import K_LORA
 from ..host import model as host_model, step_patches
 from .schema import CATEGORY
 
@@ -47,20 +48,21 @@ class KLoRAFuse(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
                 io.Combo.Input("content_lora", options=loras, tooltip="The subject / content LoRA."),
                 io.Combo.Input("style_lora", options=loras, tooltip="The style LoRA."),
-                io.Combo.Input("pattern", options=list(klora.PATTERNS), default="s*", optional=True,
+                io.Combo.Input("pattern", options=list(klora.PATTERNS), default=K_LORA.defaults["pattern"], optional=True,
                                tooltip="How S (the weight on the style LoRA in the choice) moves over sampling. s* "
                                        "(official default): (alpha x progress + beta) mod alpha, high for the first "
                                        "steps, then from 0 rising again: style first, then content, style growing "
                                        "towards the end. s: rises from beta to beta + alpha: content early, style late."),
                 io.Float.Input("alpha", default=klora.DEFAULT_ALPHA, min=0.01, max=10.0, step=0.01, optional=True,
-                               tooltip="How far S rises over sampling (official: 1.5)."),
+                               tooltip=f"How far S rises over sampling (official: {klora.DEFAULT_ALPHA:g})."),
                 io.Float.Input("beta", default=0.0, min=0.0, max=10.0, step=0.01, optional=True,
-                               tooltip="Where S starts; 0 = the pattern's default (official: 0.85 x alpha for s*, "
-                                       "0.5 for s)."),
+                               tooltip=f"Where S starts; 0 = the pattern's default (official: {K_LORA.defaults['beta_s*']:g} "
+                                       f"x alpha for s*, {K_LORA.defaults['beta_s']:g} for s)."),
                 io.Combo.Input("schedule", options=list(klora.SCHEDULES), default=klora.SCHEDULES[0], optional=True,
                                tooltip="normalized: t = step x layers + the layer's order, T = steps x layers, so S "
                                        "makes one cycle over any number of steps. official: t counts every layer "
-                                       "call, T = 28000 (SDXL, 50 steps, cond and uncond batched)."),
+                                       f"call, T = {klora.OFFICIAL_SUM_TIMESTEPS} (SDXL, 50 steps, cond and uncond "
+                                       "batched)."),
                 io.Float.Input("content_strength", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True,
                                tooltip="Scales the content delta where it is chosen (linear, as ComfyUI's loaders)."),
                 io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True,
@@ -74,7 +76,7 @@ class KLoRAFuse(io.ComfyNode):
         return host_model.lora_files_problem(content_lora, style_lora)
 
     @classmethod
-    def execute(cls, model, content_lora: str, style_lora: str, pattern: str = "s*",
+    def execute(cls, model, content_lora: str, style_lora: str, pattern: str = K_LORA.defaults["pattern"],
                 alpha: float = klora.DEFAULT_ALPHA, beta: float = 0.0, schedule: str = klora.SCHEDULES[0],
                 content_strength: float = 1.0, style_strength: float = 1.0) -> io.NodeOutput:
         host_model.require_sdxl(model, "K-LoRA Fuse")

@@ -6,6 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import blora
+from ..methods.sdxl import B_LORA
 from ..host import model as host_model
 from .schema import CATEGORY
 
@@ -19,7 +20,7 @@ class _BlockLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        block = blora.BLOCK_BY_ROLE[cls.ROLE]
+        block = B_LORA.block_of_role(cls.ROLE)
         return io.Schema(
             node_id=cls.NODE_ID,
             display_name=cls.DISPLAY_NAME,
@@ -61,7 +62,7 @@ class _BlockLoader(io.ComfyNode):
     def execute(cls, model, lora_name: str, strength: float,
                 strength_mode: str = blora.STRENGTH_MODES[0]) -> io.NodeOutput:
         host_model.require_sdxl(model, cls.DISPLAY_NAME)
-        block = blora.BLOCK_BY_ROLE[cls.ROLE]
+        block = B_LORA.block_of_role(cls.ROLE)
         weights = host_model.read_lora(lora_name).only_block(block, cls.ROLE)
         factor = blora.delta_strength(strength, strength_mode)
         return io.NodeOutput(host_model.patched_clone(model, weights, factor))

@@ -9,8 +9,9 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from ..core import blora, sdxl_unet
-from ..core.glyph import canny_edges
+from ..core import blora
+from ..methods.sdxl import RECHAR
+from ..core.glyph import CANNY_HIGH, CANNY_LOW, RECHAR_SIZE, canny_edges
 from ..core.windowed_lora import SigmaWindow, WindowedLoRA, sigma_window
 from ..host import model as host_model, step_patches
 from .schema import CATEGORY
@@ -35,9 +36,10 @@ class ReCharStructureFuse(io.ComfyNode):
             display_name="ReChar Structure Fuse",
             category=CATEGORY,
             description=(
-                "ReChar: the content block (output_blocks.0.1) of the structure B-LoRA (trained on the character or "
-                "glyph) with the style block (output_blocks.1.1) of the style B-LoRA; nothing else. With a glyph, "
-                "also its Canny edges (100/200 at 1024 px, as ReChar) for the host's ControlNet nodes. This pack's "
+                f"ReChar: the content block ({RECHAR.block_of_role('structure')}) of the structure B-LoRA (trained on "
+                f"the character or glyph) with the style block ({RECHAR.block_of_role('style')}) of the style B-LoRA; "
+                f"nothing else. With a glyph, also its Canny edges ({CANNY_LOW}/{CANNY_HIGH} at {RECHAR_SIZE} px, as "
+                "ReChar) for the host's ControlNet nodes. This pack's "
                 "addition: structure_start / structure_end limit the structure block to part of the sampling "
                 "schedule, through the host's object patches and a sampling wrapper (no re-patching of weights)."
             ),
@@ -74,8 +76,8 @@ class ReCharStructureFuse(io.ComfyNode):
         if not 0.0 <= structure_start < structure_end <= 1.0:
             raise ValueError(f"structure_start ({structure_start}) must be below structure_end ({structure_end}), "
                              "both between 0 and 1.")
-        structure = host_model.read_lora(structure_lora).only_block(sdxl_unet.CONTENT_BLOCK, "structure (content)")
-        style = host_model.read_lora(style_lora).only_block(sdxl_unet.STYLE_BLOCK, "style")
+        structure = host_model.read_lora(structure_lora).only_block(RECHAR.block_of_role("structure"), "structure (content)")
+        style = host_model.read_lora(style_lora).only_block(RECHAR.block_of_role("style"), "style")
         structure_factor = blora.delta_strength(structure_strength, strength_mode)
         patched = host_model.patched_clone(model, style, blora.delta_strength(style_strength, strength_mode))
         if (structure_start, structure_end) == (0.0, 1.0):

@@ -29,15 +29,40 @@ def overwrite_input() -> io.Boolean.Input:
                                     "output and the status say which.")
 
 
+def resume_input() -> io.Boolean.Input:
+    return io.Boolean.Input("resume", default=False, optional=True,
+                            tooltip="Continue from this lora_name's checkpoint (same settings) instead of starting over.")
+
+
 def seed_input() -> io.Int.Input:
     return io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=compat.fixed_seed_control(),
                         tooltip="Seeds the LoRA init, timesteps and noise. A resume continues with its checkpoint's "
                                 "seed, whatever this says.")
 
 
-def fingerprint(node_id: str, lora_name: str) -> tuple:
-    """For ``fingerprint_inputs``: the node runs again when a file it wrote is gone."""
-    return written_files.fingerprint(node_id, lora_name)
+class TrainingNode(io.ComfyNode):
+    """What the training nodes share beyond their schema: each sets ``NODE_ID``; ComfyUI's cache
+    lets the node run again when a file it wrote is gone (a deleted LoRA is trained anew)."""
+
+    NODE_ID = ""
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str = "", **_) -> tuple:
+        return written_files.fingerprint(cls.NODE_ID, lora_name)
+
+
+def training_schema(node_id: str, display_name: str, description: str, inputs: list, model_tooltip: str,
+                    file_outputs: list, **more) -> io.Schema:
+    """A training node's schema: its ``inputs`` with ``memory`` and ``overwrite`` appended (last,
+    so saved workflows keep their widget order); outputs the model, ``file_outputs`` (the written
+    files' names), the loss curve and the losses; an output node (it writes files)."""
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+        inputs=[*inputs, memory_input(), overwrite_input()],
+        outputs=[io.Model.Output(display_name="model", tooltip=model_tooltip), *file_outputs,
+                 io.Image.Output(display_name="loss_curve", tooltip="Per-step loss with a smoothed line."),
+                 io.LossMap.Output(display_name="loss", tooltip="Per-step losses ({'loss': [...]}).")],
+        hidden=[io.Hidden.unique_id], is_output_node=True, **more)
 
 
 WRITTEN_UI_KEY = "blora_files"

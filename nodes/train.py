@@ -13,22 +13,23 @@ from ..methods.sdxl import B_LORA, STYLE_LORA
 from ..training import memory as memory_settings
 from ..training.job import lora_job, trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import CATEGORY, fingerprint, memory_input, overwrite_input, seed_input, training_output
+from .schema import TrainingNode, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "BLoRATrain"
 RECIPES = methods.trained_by(NODE_ID)
 PAPER, STYLE = B_LORA.recipe, STYLE_LORA.recipe
 
 
-class TrainBLoRA(io.ComfyNode):
+class TrainBLoRA(TrainingNode):
+    NODE_ID = NODE_ID  # the module's, for TrainingNode
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=NODE_ID,
-            display_name="Train B-LoRA",
-            category=CATEGORY,
+        return training_schema(
+            NODE_ID, "Train B-LoRA",
             description=(
-                "Fine-tunes LoRA on SDXL's two B-LoRA blocks (content output_blocks.0.1, style output_blocks.1.1) to "
+                f"Fine-tunes LoRA on SDXL's two B-LoRA blocks (content {B_LORA.block_of_role('content')}, style "
+                f"{B_LORA.block_of_role('style')}) to "
                 "reconstruct the image(s), inside ComfyUI, on the loaded model (no second copy). The file lands in "
                 "the loras folder, ready for Load Content LoRA / Load Style LoRA. Cancel saves a checkpoint."
             ),
@@ -51,8 +52,7 @@ class TrainBLoRA(io.ComfyNode):
                                tooltip="fp16 with a gradient scaler (the paper's), bf16, or fp32. On a CPU fp16 runs as fp32."),
                 io.Int.Input("checkpoint_every", default=PAPER.checkpoint_every, min=0, max=100000, optional=True,
                              tooltip="Save a resumable checkpoint every N steps (0: only on Cancel or error)."),
-                io.Boolean.Input("resume", default=False, optional=True,
-                                 tooltip="Continue from this lora_name's checkpoint (same settings) instead of starting over."),
+                resume_input(),
                 io.Combo.Input("recipe", options=[m.recipe.name for m in RECIPES], default=PAPER.name, optional=True,
                                tooltip=f"What to train. '{STYLE.name}' is the style-LoRA recipe of "
                                        f"Diffusion-LoRA-Style-Transfer (rank {STYLE.rank}, alpha {STYLE.alpha:g}, lr "
@@ -69,22 +69,12 @@ class TrainBLoRA(io.ComfyNode):
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Every N steps, show a quick sample of the LoRA being trained on this node "
                                      "(0: off). Costs a few UNet passes each time."),
-                memory_input(),
-                overwrite_input(),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
+            model_tooltip="The model with the trained LoRA applied.",
+            file_outputs=[
                 io.String.Output(display_name="lora_name", tooltip="The saved file, relative to the loras folder."),
-                io.Image.Output(display_name="loss_curve", tooltip="Per-step loss with a smoothed line."),
-                io.LossMap.Output(display_name="loss", tooltip="Per-step losses ({'loss': [...]})."),
             ],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, lora_name: str = "", **_) -> tuple:
-        return fingerprint(NODE_ID, lora_name)
 
     @classmethod
     def execute(cls, model, latents, positive, steps: int, learning_rate: float, rank: int, seed: int,
@@ -95,12 +85,12 @@ class TrainBLoRA(io.ComfyNode):
         rank, learning_rate, alpha = method.recipe.resolved(rank, learning_rate, alpha)
         # The executor runs nodes under inference mode; tensors made there cannot take part in
         # autograd, so everything the training touches is made outside it.
+        outputs = training_run.output_files(lora_name, overwrite=overwrite)  # a bad name is refused before any work
         with torch.inference_mode(False):
             inputs = training_run.TrainingInputs.of(model, latents, positive, "Train B-LoRA")
             shapes = inputs.shapes(method)
             config = inputs.config(method, steps, learning_rate, rank, alpha, seed, precision, checkpoint_every, shapes)
-            job = lora_job(method, config, training_run.output_files(lora_name, overwrite=overwrite), shapes, prompt,
-                           export_diffusers)
+            job = lora_job(method, config, outputs, shapes, prompt, export_diffusers)
             result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory,
                                       "Train B-LoRA", preview_every)
             trained = host_model.patched_clone(model, trained_weights(job), 1.0)

@@ -14,7 +14,7 @@ from ..methods.sdxl import UNZIPLORA
 from ..training import memory as memory_settings, unziplora
 from ..training.job import trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import CATEGORY, fingerprint, memory_input, overwrite_input, seed_input, training_output
+from .schema import TrainingNode, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "UnZipLoRATrain"
 PAPER = UNZIPLORA.recipe
@@ -28,13 +28,13 @@ def _prompt_context(model, conditioning, what: str) -> torch.Tensor:
     return host_training.conditioning_per_image(model, conditioning, 1)[0].context
 
 
-class TrainUnZipLoRA(io.ComfyNode):
+class TrainUnZipLoRA(TrainingNode):
+    NODE_ID = NODE_ID  # the module's, for TrainingNode
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=NODE_ID,
-            display_name="Train UnZipLoRA",
-            category=CATEGORY,
+        return training_schema(
+            NODE_ID, "Train UnZipLoRA",
             description=(
                 "Trains a content LoRA and a style LoRA from one image at once (UnZipLoRA), kept apart by prompts "
                 "(each LoRA sees its own prompt in cross-attention), column masks with learned mergers, and block "
@@ -67,7 +67,7 @@ class TrainUnZipLoRA(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default=DEFAULT_PRECISION),
                 io.Int.Input("checkpoint_every", default=PAPER.checkpoint_every, min=0, max=100000, optional=True,
                              tooltip="Save a resumable checkpoint every N steps (0: only on Cancel or error)."),
-                io.Boolean.Input("resume", default=False, optional=True),
+                resume_input(),
                 io.Boolean.Input("prompt_separation", default=True, optional=True,
                                  tooltip="Each LoRA sees its own prompt in cross-attention keys/values."),
                 io.Boolean.Input("column_separation", default=True, optional=True,
@@ -87,23 +87,13 @@ class TrainUnZipLoRA(io.ComfyNode):
                                        "gradients. The default equals the official 1e-5 at fp16 loss scale 2^16."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Every N steps, show a quick sample of the LoRAs being trained (0: off)."),
-                memory_input(),
-                overwrite_input(),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with both LoRAs merged (mergers applied)."),
+            model_tooltip="The model with both LoRAs merged (mergers applied).",
+            file_outputs=[
                 io.String.Output(display_name="content_lora"),
                 io.String.Output(display_name="style_lora"),
-                io.Image.Output(display_name="loss_curve"),
-                io.LossMap.Output(display_name="loss"),
             ],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, lora_name: str = "", **_) -> tuple:
-        return fingerprint(NODE_ID, lora_name)
 
     @classmethod
     def execute(cls, model, latents, positive, content_positive, style_positive, steps, content_learning_rate,
@@ -115,14 +105,15 @@ class TrainUnZipLoRA(io.ComfyNode):
         settings = unziplora.UnZipConfig(sample_times, column_ratio, merger_learning_rate, style_learning_rate,
                                          overlap_weight, prompt_separation, column_separation, block_separation,
                                          avoid_content_columns, cone_threshold)
+        rank, content_learning_rate, alpha = UNZIPLORA.recipe.resolved(rank, content_learning_rate)
+        files = training_run.output_files(lora_name, unziplora.ROLES, overwrite)  # a bad name: refused before any work
         with torch.inference_mode(False):
             inputs = training_run.TrainingInputs.of(model, latents, positive, "Train UnZipLoRA")
             contexts = {"content": _prompt_context(model, content_positive, "content"),
                         "style": _prompt_context(model, style_positive, "style")}
             shapes = inputs.shapes(UNZIPLORA)
-            config = inputs.config(UNZIPLORA, steps, content_learning_rate, rank, float(rank), seed, precision,
+            config = inputs.config(UNZIPLORA, steps, content_learning_rate, rank, alpha, seed, precision,
                                    checkpoint_every, shapes, contexts.values(), **dataclasses.asdict(settings))
-            files = training_run.output_files(lora_name, unziplora.ROLES, overwrite)
             job = unziplora.unziplora_job(config, files, shapes, contexts, settings, prompt)
             result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory,
                                       "Train UnZipLoRA", preview_every)
