@@ -208,6 +208,16 @@ def check_can_write(folder: str | Path, file_names: list[str], bytes_needed: int
     return folder
 
 
+def check_can_write_files(sizes: dict[Path, int]) -> None:
+    """:func:`check_can_write` for every folder the files ``sizes`` names (path: the bytes it will
+    take) will be in, each folder's disk asked for room for all of them (they are usually on one)."""
+    folders: dict[Path, list[str]] = {}
+    for path in sizes:
+        folders.setdefault(Path(path).parent, []).append(Path(path).name)
+    for folder, names in folders.items():
+        check_can_write(folder, names, sum(sizes.values()))
+
+
 def unwritable_reason(code: int, folder: Path, name: str, needs: str | None = None, free: int | None = None) -> str:
     """Why a file ``name`` cannot be written in ``folder``, in plain words, and what to do
     (``needs``: how much space is needed, as the message should say it)."""

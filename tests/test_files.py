@@ -179,6 +179,23 @@ def test_a_folder_in_the_way_and_a_full_disk_are_found_before_training(tmp_path)
     assert files.check_can_write(tmp_path / "loras", ["other.safetensors"], 1000) == tmp_path / "loras"
 
 
+def test_every_folder_of_a_runs_files_is_checked(tmp_path):
+    """What a training node asks before it starts: its LoRA and checkpoint files beside each
+    other, an export in a folder of its own, not made yet."""
+    loras = tmp_path / "loras" / "b-lora"
+    export = "x" * 242
+    sizes = {loras / "cat.safetensors": 1000, loras / "cat_checkpoint.trainstate": 3000,
+             loras / "cat_diffusers" / "pytorch_lora_weights.safetensors": 1000}
+    files.check_can_write_files(sizes)
+    assert (loras / "cat_diffusers").is_dir() and not list((loras / "cat_diffusers").iterdir())
+    with pytest.raises(files.OutputNotWritableError, match=f"Cannot write files in {loras / 'cat_diffusers'}: the name "
+                                                           f"'{export}' is too long"):
+        files.check_can_write_files({**sizes, loras / "cat_diffusers" / export: 10})
+    with pytest.raises(files.OutputNotWritableError, match=f"Cannot write files in {loras}: the disk holding {loras} is "
+                                                           "full: .* free, .* needed"):
+        files.check_can_write_files({**sizes, loras / "cat.safetensors": shutil.disk_usage(tmp_path).free})
+
+
 def private_file_system(options: str, mount_point) -> tuple[str, ...]:
     """A command prefix that runs the rest in a private mount namespace with a tmpfs mounted at
     ``mount_point`` (e.g. ``size=256k`` or ``ro``); gone with the process."""
