@@ -90,11 +90,12 @@ def open_temporary(path: Path) -> tuple[int, Path]:
 
 def is_abandoned(temporary: Path) -> bool:
     """Whether no running save holds ``temporary``: a save holds a lock on its temporary file
-    until it is renamed, and the lock dies with the process."""
+    until it is renamed, and the lock dies with the process. (Opened for writing: on NFS an
+    exclusive lock needs that.)"""
     if fcntl is None:
         return True  # Windows refuses to remove a file a running save has open
     try:
-        handle = os.open(temporary, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        handle = os.open(temporary, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
     try:
