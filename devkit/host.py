@@ -48,11 +48,12 @@ class Host:
 _started: Host | None = None
 
 
-def start_host(path: Path, cpu: bool = True) -> Host:
-    """ComfyUI imported in this process with this pack loaded by the host's own loader."""
+def start_host(path: Path, cpu: bool = True, folders: Path | None = None) -> Host:
+    """ComfyUI imported in this process with this pack loaded by the host's own loader; with
+    ``folders``, its input, output, temp, user and default loras folders there."""
     global _started
     if _started is None:
-        nodes = start_comfyui(path, cpu)
+        nodes = start_comfyui(path, cpu, folders)
         import folder_paths
 
         _started = Host(path, nodes, folder_paths)

@@ -94,8 +94,7 @@ class TrainingResult:
 def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: bool, memory: str, label: str,
         preview_every: int = 0) -> TrainingResult:
     """Train ``job`` on the user's model and write its files; the model is never changed."""
-    for index, (folder, names) in enumerate(job.every_file().items()):
-        files.check_can_write(folder, names, job.bytes_to_write() if index == 0 else 0)
+    files.check_can_write_files(job.file_sizes())
     resume_state = None
     if resume:
         resume_state = _load_checkpoint(job)
