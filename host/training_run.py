@@ -111,7 +111,8 @@ def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: b
 
 
 def _load_checkpoint(job: TrainingJob) -> TrainingState:
-    trained, state, recorded = checkpoint.load_checkpoint(job.files.trainstate, job.trainable)
+    trained, state, recorded = checkpoint.load_checkpoint(job.files.trainstate, job.trainable,
+                                                        job.optimized_parameters())
     config = checkpoint.resumable_config(recorded, job.config, job.method.recipe.resume_may_raise_steps,
                                          job.files.trainstate)
     if state.step > config.steps:
@@ -160,9 +161,12 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
            preview_every: int) -> TrainingState:
     config = job.config
 
+    saved = [resume_state.step] if resume_state else []
+
     def save_checkpoint(state: TrainingState) -> None:
         checkpoint.save_checkpoint(job.trainable, state, job.files.trainstate, job.config, job.checkpoint_loras())
         logging.info("Training: checkpoint at step %d saved as %s", state.step, job.files.trainstate)
+        saved.append(state.step)
         on_saved(state.step)
 
     reporter = progress.TrainingProgress(label, config.steps, node_id, start=resume_state.step if resume_state else 0,
@@ -182,8 +186,21 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
         hooks = TrainingHooks(on_step=on_step,
                               check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                               save_checkpoint=save_checkpoint)
-        return train(job.trainable, predict, inputs.samples.to(device), schedule, config, hooks, resume_state,
-                     job.training_method)
+        try:
+            return train(job.trainable, predict, inputs.samples.to(device), schedule, config, hooks, resume_state,
+                         job.training_method)
+        except comfy.model_management.InterruptProcessingException:
+            reporter.say(cancelled_status(job, saved[-1] if saved else None))
+            raise
+
+
+def cancelled_status(job: TrainingJob, step: int | None) -> str:
+    """What the node says after Cancel: what was kept and how to go on."""
+    if step is None:
+        return "Cancelled before the first step finished: nothing was saved."
+    return (f"Cancelled: the checkpoint at step {step} of {job.config.steps} is saved "
+            f"({job.files.relative(job.files.trainstate)}). To continue, turn 'resume' on and run again with the "
+            "same settings (the seed is taken from the checkpoint); to start over, leave 'resume' off.")
 
 
 def _write(job: TrainingJob, state: TrainingState) -> TrainingResult:

@@ -76,9 +76,12 @@ def _read(sidecar: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
                                "it is never unpickled") from None
 
 
-def load_checkpoint(sidecar: Path, trainable: nn.Module) -> tuple[dict[str, torch.Tensor], TrainingState, dict]:
+def load_checkpoint(sidecar: Path, trainable: nn.Module, optimized: list[torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], TrainingState, dict]:
     """The trained module's state dict, the training state and the recorded configuration, each
-    checked against ``trainable`` (names and shapes) and against each other."""
+    checked against ``trainable`` (names and shapes) and against each other. ``optimized``: the
+    parameters in the optimizer's order, which its saved state is indexed by (default: the
+    trainable's own order; a method's parameter groups may order them otherwise)."""
     metadata, tensors = _read(sidecar)
     if metadata.get("format") != FORMAT:
         raise _refuse(sidecar, f"it was written by another version of the pack "
@@ -102,7 +105,7 @@ def load_checkpoint(sidecar: Path, trainable: nn.Module) -> tuple[dict[str, torc
                    if k not in trained or k not in expected or trained[k].shape != expected[k].shape)
     if wrong:
         raise _refuse(sidecar, f"its trained tensors do not fit this run's LoRA ({len(wrong)} differ, e.g. {wrong[0]})")
-    parameters = [p for p in trainable.parameters()]
+    parameters = list(trainable.parameters()) if optimized is None else list(optimized)
     optimizer: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

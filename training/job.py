@@ -143,6 +143,11 @@ class TrainingJob:
     exports: Callable[[], dict[Path, LoraFile]] = dict
     """Files only the finished run writes (the official diffusers export)."""
 
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """The parameters in the order the optimizer holds them (its state is indexed so)."""
+        method = self.training_method or TrainingMethod(self.trainable, self.config.learning_rate)
+        return [parameter for group in method.parameter_groups() for parameter in group["params"]]
+
     def lora_file(self, role: str = "") -> LoraFile:
         return self.build_files(self.config, role)
 
