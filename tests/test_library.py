@@ -249,3 +249,26 @@ def test_a_changed_image_or_setting_is_not_done():
     assert settings.differences(metadata) == []
     assert settings.differences({**metadata, "blora.steps": "61", "blora.base_model_sha256": "bad"}) == [
         "steps: file '61', wanted 60", "base_model_sha256: file 'bad', wanted 'f00'"]
+
+
+def test_a_file_the_worker_cannot_write_fails_its_image_with_the_packs_message(tmp_path):
+    """A thumbnail whose name a folder holds: the image's record says which file and why, in the
+    pack's words (not prefixed with an exception's class name), and the run goes on."""
+    from blora_pack.command_line import library_worker
+
+    entry = "cup_0123456789ab"
+    (tmp_path / library.THUMBNAILS / f"{entry}.png").mkdir(parents=True)
+    setup = library_worker.WorkerSetup(library=str(tmp_path), comfyui=None, checkpoint=None, tiny=True, cpu=True,
+                                       recipe="B-LoRA blocks (content + style)", precision="fp32", memory="auto",
+                                       checkpoint_every=0)
+    job = library_worker.ImageJob(image_name="cup.png", image_sha256="0" * 64, entry=entry, prompt="A [v] cup",
+                                  run_id="run")
+    image = tmp_path / "cup.png"
+    sample_image.draw_sample().resize((96, 96)).save(image)
+    settings = library.Settings(recipe=setup.recipe, steps=2, rank=4, learning_rate=1e-4, seed=0, prompt="A [v] cup",
+                                base_model_sha256="0" * 64)
+    record = library_worker.train_image(setup, job, image.read_bytes(), settings)
+    thumbnail = tmp_path / library.THUMBNAILS / f"{entry}.png"
+    assert record["status"] == library.FAILED
+    assert record["error"] == (f"Could not save {thumbnail}: a folder has the name '{entry}.png'. Rename or remove "
+                               f"that folder, or choose another name. (log: {library.LOGS}/{entry}.log)")
