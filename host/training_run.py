@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -218,7 +218,9 @@ def _write(job: TrainingJob, state: TrainingState) -> TrainingResult:
     if replaced:
         status += f"; replaced the earlier {' and '.join(job.files.relative(p) for p in replaced)}"
     elif job.files.final_name != job.files.name:
-        status += f" ({job.files.name} exists: turn 'overwrite' on to replace it)"
+        kept = [job.files.relative(path) for path in replace(job.files, final_name=job.files.name).replaced()]
+        status += (f" ({' and '.join(kept)} {'exists' if len(kept) == 1 else 'exist'}: turn 'overwrite' on to replace "
+                   f"{'it' if len(kept) == 1 else 'them'})")
     return TrainingResult(state, job.files.lora_files(), status)
 
 
