@@ -111,10 +111,9 @@ def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: b
 
 
 def _load_checkpoint(job: TrainingJob) -> TrainingState:
-    trained, state, recorded = checkpoint.load_checkpoint(job.files.trainstate, job.trainable,
-                                                        job.optimized_parameters())
-    config = checkpoint.resumable_config(recorded, job.config, job.method.recipe.resume_may_raise_steps,
-                                         job.files.trainstate)
+    config = checkpoint.resumable_config(checkpoint.recorded_config(job.files.trainstate), job.config,
+                                         job.method.recipe.resume_may_raise_steps, job.files.trainstate)
+    trained, state, _ = checkpoint.load_checkpoint(job.files.trainstate, job.trainable, job.optimized_parameters())
     if state.step > config.steps:
         raise checkpoint.CheckpointError(
             f"The checkpoint {job.files.trainstate.name} is at step {state.step} but steps is {config.steps}: set "
