@@ -37,10 +37,13 @@ def find_comfyui() -> tuple[Path | None, str]:
     return None, "no ComfyUI checkout at " + ", ".join(tried)
 
 
-def start_comfyui(path: Path, cpu: bool = True):
+def start_comfyui(path: Path, cpu: bool = True, folders: Path | None = None):
     """Import ComfyUI from ``path`` (on the CPU unless ``cpu`` is False, with plain SDPA
     attention), its built-in nodes, and this pack through the host's own custom-node loader.
-    Returns ComfyUI's ``nodes`` module. Idempotent."""
+    Returns ComfyUI's ``nodes`` module. Idempotent.
+
+    ``folders``: ComfyUI's input, output, temp and user folders and its default loras folder go
+    there instead of into the checkout, before any node can write to them (the tests' host)."""
     if "nodes" in sys.modules and hasattr(sys.modules["nodes"], "NODE_CLASS_MAPPINGS") and _pack_module_name() in sys.modules:
         return sys.modules["nodes"]
     sys.path.insert(0, str(path))
@@ -50,12 +53,26 @@ def start_comfyui(path: Path, cpu: bool = True):
     args.use_pytorch_cross_attention = True
     args.disable_api_nodes = True
     import utils.extra_config  # noqa: F401  (before `nodes`, which puts comfy/ first on sys.path)
+    if folders is not None:
+        use_folders(Path(folders))
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
         raise RuntimeError(f"ComfyUI's custom-node loader could not load the pack at {PACK_ROOT}")
     return nodes
+
+
+def use_folders(folders: Path) -> None:
+    import folder_paths
+
+    for name, set_directory in (("input", folder_paths.set_input_directory),
+                                ("output", folder_paths.set_output_directory),
+                                ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
+        (folders / name).mkdir(parents=True, exist_ok=True)
+        set_directory(str(folders / name))
+    (folders / "loras").mkdir(exist_ok=True)
+    folder_paths.add_model_folder_path("loras", str(folders / "loras"), is_default=True)
 
 
 def _pack_module_name() -> str:

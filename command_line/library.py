@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from .library_worker import ImageJob
 
 REQUIREMENTS = PACK_ROOT / "requirements-library.txt"
+SOME_IMAGES_FAILED = 3
+"""``library train``'s exit code when the run finished, manifest written, but some image failed
+(2: the command itself could not run; 0: every image is in the library)."""
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 """A local instance: with clusters off, Ray binds and connects on 127.0.0.1 only; no usage report."""
 
@@ -184,15 +187,21 @@ def command_library_train(args) -> None:
         except KeyboardInterrupt:
             write_index(library_dir)  # what finished is in; the rest resumes from its checkpoints next time
             raise
-    print_summary(library_dir, write_index(library_dir), results, kept)
+    failed = print_summary(library_dir, write_index(library_dir), results, kept)
+    if failed:
+        print(f"error: {failed} image(s) failed; see the manifest ({library_dir / library.MANIFEST}). Exit code "
+              f"{SOME_IMAGES_FAILED}.", file=sys.stderr)
+        raise SystemExit(SOME_IMAGES_FAILED)
 
 
-def print_summary(library_dir: Path, manifest: dict, results: list[dict], kept: int) -> None:
+def print_summary(library_dir: Path, manifest: dict, results: list[dict], kept: int) -> int:
+    """The run's counts, each failure with its reason, the index; returns how many failed."""
     failed = [record for record in results if record["status"] != library.DONE]
     print(f"trained {len(results) - len(failed)}, failed {len(failed)}, already in the library {kept}")
     for record in failed:
         print(f"failed: {record['image']}: {record['error']}")
     print_index(library_dir, manifest)
+    return len(failed)
 
 
 def print_index(library_dir: Path, manifest: dict) -> None:

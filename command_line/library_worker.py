@@ -27,9 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import library_files as library
+from ..core import files
 from ..training import checkpoint
 from ..training.job import OutputFiles
 from .runner import CommandLineError
+
+CLEAN_ERRORS = (CommandLineError, library.ImageRefused, files.OutputNotWritableError)
+"""Errors whose message is written for the user (what was found, what to do): recorded as they are."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def train_image(setup: WorkerSetup, job: ImageJob, image_bytes: bytes, settings:
             record.update(status=library.DONE)
         except Exception as error:
             traceback.print_exc()
-            reason = str(error) if isinstance(error, (CommandLineError, library.ImageRefused)) else \
+            reason = str(error) if isinstance(error, CLEAN_ERRORS) else \
                 f"{type(error).__name__}: {error}"
             record.update(status=library.FAILED, error=f"{reason} (log: {library.LOGS}/{job.entry}.log)")
     record["seconds"] = round(time.time() - record["started"], 2)

@@ -44,7 +44,7 @@ def run_prompt(prompt: dict) -> dict:
     import execution
     import nodes
 
-    from ..core import workflow_format
+    from . import workflow_format
     from ..host import compat
 
     workflow_format.fill_defaults(prompt, node_definitions(nodes))

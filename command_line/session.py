@@ -41,6 +41,7 @@ class Session:
             from .tiny import TINY_NODES
 
             self.nodes.NODE_CLASS_MAPPINGS.update(TINY_NODES)
+            folder_paths.set_input_directory(folder_paths.get_output_directory())  # the image inbox too
             loras = Path(folder_paths.get_output_directory()) / "loras"
             loras.mkdir(parents=True, exist_ok=True)
             folder_paths.add_model_folder_path("loras", str(loras), is_default=True)

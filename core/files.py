@@ -90,11 +90,12 @@ def open_temporary(path: Path) -> tuple[int, Path]:
 
 def is_abandoned(temporary: Path) -> bool:
     """Whether no running save holds ``temporary``: a save holds a lock on its temporary file
-    until it is renamed, and the lock dies with the process."""
+    until it is renamed, and the lock dies with the process. (Opened for writing: on NFS an
+    exclusive lock needs that.)"""
     if fcntl is None:
         return True  # Windows refuses to remove a file a running save has open
     try:
-        handle = os.open(temporary, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        handle = os.open(temporary, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
     try:
@@ -206,6 +207,16 @@ def check_can_write(folder: str | Path, file_names: list[str], bytes_needed: int
         raise OutputNotWritableError(f"Cannot write files in {folder}: "
                                      f"{unwritable_reason(code, folder, name, needs, free)}", code)
     return folder
+
+
+def check_can_write_files(sizes: dict[Path, int]) -> None:
+    """:func:`check_can_write` for every folder the files ``sizes`` names (path: the bytes it will
+    take) will be in, each folder's disk asked for room for all of them (they are usually on one)."""
+    folders: dict[Path, list[str]] = {}
+    for path in sizes:
+        folders.setdefault(Path(path).parent, []).append(Path(path).name)
+    for folder, names in folders.items():
+        check_can_write(folder, names, sum(sizes.values()))
 
 
 def unwritable_reason(code: int, folder: Path, name: str, needs: str | None = None, free: int | None = None) -> str:

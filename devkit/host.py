@@ -48,11 +48,12 @@ class Host:
 _started: Host | None = None
 
 
-def start_host(path: Path, cpu: bool = True) -> Host:
-    """ComfyUI imported in this process with this pack loaded by the host's own loader."""
+def start_host(path: Path, cpu: bool = True, folders: Path | None = None) -> Host:
+    """ComfyUI imported in this process with this pack loaded by the host's own loader; with
+    ``folders``, its input, output, temp, user and default loras folders there."""
     global _started
     if _started is None:
-        nodes = start_comfyui(path, cpu)
+        nodes = start_comfyui(path, cpu, folders)
         import folder_paths
 
         _started = Host(path, nodes, folder_paths)
@@ -93,3 +94,18 @@ def press_cancel_during_step(host: Host, monkeypatch, step_number: int) -> dict:
 
     monkeypatch.setattr(host_training, "unet_predict", unet_predict)
     return calls
+
+
+def press_cancel_after_step(host: Host, monkeypatch, step_number: int) -> None:
+    """Make the host's Cancel land in the progress update of the ``step_number``-th training step
+    (after its update): as a server's progress hook does (``main.hijack_progress``), the hook
+    calls the host's own ``throw_exception_if_processing_interrupted``."""
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        if value == step_number:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)

@@ -32,22 +32,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_processes: dict[str, subprocess.Popen] = {}
+"""The running servers' processes by URL (``kill``)."""
+
+
 @contextlib.contextmanager
 def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_packs: tuple[Path, ...] = ()):
     """Yields the server's base URL; the server and its folders live under ``workdir``.
-    ``extra_packs``: other custom-node folders to load too (e.g. the IP-Adapter pack)."""
+    ``extra_packs``: other custom-node folders to load too (e.g. the IP-Adapter pack). A
+    ``workdir`` an earlier server used is used again as it is: a restart finds its files."""
     custom_nodes = workdir / "custom_nodes"
-    custom_nodes.mkdir(parents=True)
-    (custom_nodes / PACK_FOLDER_NAME).symlink_to(host_harness.PACK_ROOT, target_is_directory=True)
-    (custom_nodes / FIXTURE_NODES.name).symlink_to(FIXTURE_NODES, target_is_directory=True)
-    for pack in extra_packs:
-        (custom_nodes / Path(pack).name).symlink_to(Path(pack).resolve(), target_is_directory=True)
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    links = [(PACK_FOLDER_NAME, host_harness.PACK_ROOT), (FIXTURE_NODES.name, FIXTURE_NODES)]
+    for name, pack in links + [(Path(pack).name, pack) for pack in extra_packs]:
+        if not (custom_nodes / name).is_symlink():
+            (custom_nodes / name).symlink_to(Path(pack).resolve(), target_is_directory=True)
     for folder in ("loras", "output", "input", "user", "temp"):
-        (workdir / folder).mkdir()
+        (workdir / folder).mkdir(exist_ok=True)
     config = workdir / "extra_model_paths.yaml"
     config.write_text(f"blora_tests:\n  base_path: {workdir}\n  loras: loras\n  is_default: true\n")
     port = free_port()
-    log = open(workdir / "server.log", "w")
+    log = open(workdir / "server.log", "a")
     process = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--use-pytorch-cross-attention", "--disable-api-nodes", "--extra-model-paths-config", str(config),
@@ -57,6 +62,7 @@ def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_
         cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
+    _processes[url] = process
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -71,12 +77,20 @@ def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_
                 time.sleep(0.5)
         yield url
     finally:
+        _processes.pop(url, None)
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def kill(url: str) -> None:
+    """SIGKILL the server at ``url`` (as a crash or the OOM killer ends it: no handler runs)."""
+    process = _processes[url]
+    process.kill()
+    process.wait(timeout=30)
 
 
 def get_json(url: str, path: str):

@@ -56,3 +56,15 @@ class TrainingProgress:
                 )
         except Exception as error:  # the UI is a convenience; training must not stop for it
             logging.debug("%s: progress event not sent: %s", self.console.desc, error)
+
+    def say(self, text: str) -> None:
+        """A status line for the user: on the node (when a server runs it) and in the log."""
+        logging.warning("%s: %s", self.console.desc, text)
+        self.console.close()
+        server = _server()
+        if server is None or self.node_id is None:
+            return
+        try:
+            server.send_progress_text(text, self.node_id)
+        except Exception as error:
+            logging.debug("%s: status not sent: %s", self.console.desc, error)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -94,8 +94,7 @@ class TrainingResult:
 def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: bool, memory: str, label: str,
         preview_every: int = 0) -> TrainingResult:
     """Train ``job`` on the user's model and write its files; the model is never changed."""
-    for index, (folder, names) in enumerate(job.every_file().items()):
-        files.check_can_write(folder, names, job.bytes_to_write() if index == 0 else 0)
+    files.check_can_write_files(job.file_sizes())
     resume_state = None
     if resume:
         resume_state = _load_checkpoint(job)
@@ -112,9 +111,9 @@ def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: b
 
 
 def _load_checkpoint(job: TrainingJob) -> TrainingState:
-    trained, state, recorded = checkpoint.load_checkpoint(job.files.trainstate, job.trainable)
-    config = checkpoint.resumable_config(recorded, job.config, job.method.recipe.resume_may_raise_steps,
-                                         job.files.trainstate)
+    config = checkpoint.resumable_config(checkpoint.recorded_config(job.files.trainstate), job.config,
+                                         job.method.recipe.resume_may_raise_steps, job.files.trainstate)
+    trained, state, _ = checkpoint.load_checkpoint(job.files.trainstate, job.trainable, job.optimized_parameters())
     if state.step > config.steps:
         raise checkpoint.CheckpointError(
             f"The checkpoint {job.files.trainstate.name} is at step {state.step} but steps is {config.steps}: set "
@@ -161,9 +160,12 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
            preview_every: int) -> TrainingState:
     config = job.config
 
+    saved = [resume_state.step] if resume_state else []
+
     def save_checkpoint(state: TrainingState) -> None:
         checkpoint.save_checkpoint(job.trainable, state, job.files.trainstate, job.config, job.checkpoint_loras())
         logging.info("Training: checkpoint at step %d saved as %s", state.step, job.files.trainstate)
+        saved.append(state.step)
         on_saved(state.step)
 
     reporter = progress.TrainingProgress(label, config.steps, node_id, start=resume_state.step if resume_state else 0,
@@ -183,8 +185,21 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
         hooks = TrainingHooks(on_step=on_step,
                               check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                               save_checkpoint=save_checkpoint)
-        return train(job.trainable, predict, inputs.samples.to(device), schedule, config, hooks, resume_state,
-                     job.training_method)
+        try:
+            return train(job.trainable, predict, inputs.samples.to(device), schedule, config, hooks, resume_state,
+                         job.training_method)
+        except comfy.model_management.InterruptProcessingException:
+            reporter.say(cancelled_status(job, saved[-1] if saved else None))
+            raise
+
+
+def cancelled_status(job: TrainingJob, step: int | None) -> str:
+    """What the node says after Cancel: what was kept and how to go on."""
+    if step is None:
+        return "Cancelled before the first step finished: nothing was saved."
+    return (f"Cancelled: the checkpoint at step {step} of {job.config.steps} is saved "
+            f"({job.files.relative(job.files.trainstate)}). To continue, turn 'resume' on and run again with the "
+            "same settings (the seed is taken from the checkpoint); to start over, leave 'resume' off.")
 
 
 def _write(job: TrainingJob, state: TrainingState) -> TrainingResult:
@@ -202,7 +217,9 @@ def _write(job: TrainingJob, state: TrainingState) -> TrainingResult:
     if replaced:
         status += f"; replaced the earlier {' and '.join(job.files.relative(p) for p in replaced)}"
     elif job.files.final_name != job.files.name:
-        status += f" ({job.files.name} exists: turn 'overwrite' on to replace it)"
+        kept = [job.files.relative(path) for path in replace(job.files, final_name=job.files.name).replaced()]
+        status += (f" ({' and '.join(kept)} {'exists' if len(kept) == 1 else 'exist'}: turn 'overwrite' on to replace "
+                   f"{'it' if len(kept) == 1 else 'them'})")
     return TrainingResult(state, job.files.lora_files(), status)
 
 

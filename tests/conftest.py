@@ -61,10 +61,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
-def host():
+def host(tmp_path_factory):
+    """The host, its input, output, temp, user and default loras folders temporary ones: the
+    tests write nothing into the checkout (in a user's install, the user's own folders)."""
     if COMFYUI_PATH is None:
         pytest.skip(NO_HOST_REASON)
-    return host_harness.start_host(COMFYUI_PATH)
+    return host_harness.start_host(COMFYUI_PATH, folders=tmp_path_factory.mktemp("host_folders"))
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ def test_train_then_stylize_generate_and_run(cli):
     run, output, image = cli
     result = run("train", "--tiny", "--image", str(image), "--steps", "5", "--name", "b-lora/photo")
     assert "its images are noise" in result.stdout and "saved b-lora/photo.safetensors (5 steps" in result.stdout
+    assert (output / "blora_cli" / image.name).is_file(), "with --tiny the image inbox is in the output folder too"
     with safe_open(str(output / "loras" / "b-lora" / "photo.safetensors"), "pt") as handle:
         assert handle.metadata()["blora.steps"] == "5"
     run("train", "--tiny", "--image", str(image), "--steps", "2", "--name", "style/photo", "--recipe", "style")

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from blora_pack.core import files
 from blora_pack.command_line import contact_sheet, library_files as library
 from blora_pack.training import checkpoint
-from blora_pack.training.trainer import TrainingState
+from blora_pack.training.job import OutputFiles
+from blora_pack.training.trainer import TrainConfig, TrainingState
 from devkit import PACK_ROOT
 
 NAME_MAX = 255
@@ -50,15 +51,16 @@ def umask(request):
 
 def write_every_kind(folder):
     """One file of each kind the pack writes, through the functions that write them; their paths."""
-    lora, sidecar = folder / "b-lora" / "cup.safetensors", folder / "b-lora" / "cup_checkpoint.trainstate"
+    run = OutputFiles.inside(folder, "b-lora/cup")
+    lora, sidecar, checkpoint_lora = run.lora(), run.trainstate, run.checkpoint_lora()
     state = {"layer.lora_down.weight": torch.ones(4, 8), "layer.lora_up.weight": torch.zeros(8, 4)}
     files.save_safetensors_atomic(state, lora, {"blora.method": "B-LoRA"})
-    checkpoint.save_checkpoint(torch.nn.Linear(2, 2), TrainingState(3, [0.3, 0.2, 0.1]), sidecar, {"seed": "0"},
-                               {checkpoint.checkpoint_path(lora): (state, {"blora.method": "B-LoRA"})})
+    checkpoint.save_checkpoint(torch.nn.Linear(2, 2), TrainingState(3, [0.3, 0.2, 0.1]), sidecar,
+                               TrainConfig(steps=3, learning_rate=1e-4), {checkpoint_lora: (state, {"blora.method": "B-LoRA"})})
     image = folder / "cup.png"
     Image.fromarray(np.zeros((80, 80, 3), dtype=np.uint8)).save(image)
     record = {"entry": "cup_0123456789ab", "image": "cup.png", "status": library.FAILED, "error": "for the test"}
-    written = [lora, sidecar, checkpoint.checkpoint_path(lora), library.write_record(folder, record),
+    written = [lora, sidecar, checkpoint_lora, library.write_record(folder, record),
                library.write_thumbnail(image, folder / library.THUMBNAILS / f"{record['entry']}.png")]
     manifest = library.build_manifest(folder)
     written += [library.write_manifest(folder, manifest), contact_sheet.write_contact_sheet(folder, manifest)]
@@ -178,6 +180,23 @@ def test_a_folder_in_the_way_and_a_full_disk_are_found_before_training(tmp_path)
     assert f"the disk holding {tmp_path / 'loras'} is full: " in str(refused.value)
     assert f"{files.size_text(free + 10**9)} needed. Free some space there" in str(refused.value)
     assert files.check_can_write(tmp_path / "loras", ["other.safetensors"], 1000) == tmp_path / "loras"
+
+
+def test_every_folder_of_a_runs_files_is_checked(tmp_path):
+    """What a training node asks before it starts: its LoRA and checkpoint files beside each
+    other, an export in a folder of its own, not made yet."""
+    loras = tmp_path / "loras" / "b-lora"
+    export = "x" * 242
+    sizes = {loras / "cat.safetensors": 1000, loras / "cat_checkpoint.trainstate": 3000,
+             loras / "cat_diffusers" / "pytorch_lora_weights.safetensors": 1000}
+    files.check_can_write_files(sizes)
+    assert (loras / "cat_diffusers").is_dir() and not list((loras / "cat_diffusers").iterdir())
+    with pytest.raises(files.OutputNotWritableError, match=f"Cannot write files in {loras / 'cat_diffusers'}: the name "
+                                                           f"'{export}' is too long"):
+        files.check_can_write_files({**sizes, loras / "cat_diffusers" / export: 10})
+    with pytest.raises(files.OutputNotWritableError, match=f"Cannot write files in {loras}: the disk holding {loras} is "
+                                                           "full: .* free, .* needed"):
+        files.check_can_write_files({**sizes, loras / "cat.safetensors": shutil.disk_usage(tmp_path).free})
 
 
 def private_file_system(options: str, mount_point) -> tuple[str, ...]:

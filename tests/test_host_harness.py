@@ -1,6 +1,9 @@
-"""The reference harness itself: the host loads the pack, and the two tiny UNets agree."""
+"""The reference harness itself: the host loads the pack and writes into temporary folders only,
+and the two tiny UNets agree."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -13,6 +16,15 @@ def test_host_loads_pack_through_its_own_loader(host):
     schema = host.node("BLoRALoadContentLoRA").GET_SCHEMA()
     assert schema.category == "B-LoRA"
     assert [i.id for i in schema.inputs][:3] == ["model", "lora_name", "strength"]
+
+
+def test_the_tests_host_writes_into_temporary_folders_not_the_checkout(host):
+    folder_paths = host.folder_paths
+    written = {"input": folder_paths.get_input_directory(), "output": folder_paths.get_output_directory(),
+               "temp": folder_paths.get_temp_directory(), "user": folder_paths.get_user_directory(),
+               "loras": folder_paths.get_folder_paths("loras")[0]}
+    inside = {name: path for name, path in written.items() if Path(path).resolve().is_relative_to(host.path.resolve())}
+    assert inside == {}, "in a user's install these are the user's own folders"
 
 
 def test_tiny_sdxl_has_sdxl_block_names(tiny_sdxl):

@@ -3,7 +3,8 @@ instance on this machine's CPUs with 2 workers, the tiny model (``--tiny``), eac
 through ComfyUI inside its worker.
 
 - a folder of 3 images (one unreadable) trains on 2 workers: the manifest and the contact sheet
-  say what the files say, the bad image has its own failed entry, the others are done;
+  say what the files say, the bad image has its own failed entry, the others are done, and the
+  command exits with 3 (some image failed) after writing the manifest;
 - the same command again trains nothing; ``library index`` rebuilds the same manifest and sheet;
 - a worker killed mid-task (SIGKILL to the pid its task records, once a checkpoint exists) is
   retried by Ray, resumes from the checkpoint (the manifest says from which step, and the
@@ -33,6 +34,8 @@ from devkit import PACK_ROOT
 from devkit.host import COMFYUI_PATH, NO_HOST_REASON
 
 STEPS, CHECKPOINT_EVERY = 60, 10
+SOME_IMAGES_FAILED = 3
+"""The exit code the README documents for a run in which some image failed."""
 TRAIN = ["--tiny", "--steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY), "--workers", "2"]
 
 
@@ -76,7 +79,7 @@ def images(tmp_path_factory):
 def trained(needs_ray_and_host, images, tmp_path_factory):
     """The folder trained once; the manifest as that run left it."""
     out = tmp_path_factory.mktemp("library")
-    result = run("train", "--images", str(images), "--out", str(out), *TRAIN)
+    result = run("train", "--images", str(images), "--out", str(out), *TRAIN, expect=SOME_IMAGES_FAILED)
     return out, result, json.loads((out / library.MANIFEST).read_text())
 
 
@@ -97,6 +100,8 @@ def test_three_images_on_two_workers_the_bad_one_reported_the_others_done(traine
     assert broken["status"] == "failed" and broken["file"] is None
     assert "broken.png is not an image that can be read" in broken["error"]
     assert f"failed: broken.png: {broken['error']}" in result.stdout
+    assert result.stderr.rstrip().endswith(f"error: 1 image(s) failed; see the manifest ({out / library.MANIFEST}). "
+                                           "Exit code 3.")
 
     for name, prompt in (("cup.png", "A [v] cup"), ("noise.png", "A [v] texture")):
         entry = entries[name]
@@ -137,7 +142,7 @@ def test_the_same_command_again_trains_nothing_and_index_rebuilds_the_same_files
     out, _, first = trained
     loras = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in (out / "loras").iterdir()}
     logs = {path.name: path.read_text() for path in (out / "logs").glob("cup_*.log")}
-    result = run("train", "--images", str(images), "--out", str(out), *TRAIN)
+    result = run("train", "--images", str(images), "--out", str(out), *TRAIN, expect=SOME_IMAGES_FAILED)
     assert "3 images: 2 already in the library, 1 to train" in result.stdout  # the bad image is tried again
     assert "trained 0, failed 1, already in the library 2" in result.stdout
     assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in (out / "loras").iterdir()} == loras
@@ -200,6 +205,11 @@ def test_a_killed_worker_is_retried_and_resumes_exactly_from_its_checkpoint(trai
     assert all((resumed[key] == expected[key]).all() for key in expected), "resume is exact"
 
 
+def test_the_readme_documents_the_exit_code_of_failed_images():
+    readme = " ".join((PACK_ROOT / "README.md").read_text().split())
+    assert f"**{SOME_IMAGES_FAILED} when some image failed** (the run went on, the manifest is written" in readme
+
+
 def test_library_index_refuses_a_folder_that_is_no_library(tmp_path):
     result = subprocess.run(cli("index", str(tmp_path)), cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is not a library (no loras/ or records/ folder in it)" in result.stderr
@@ -239,3 +249,26 @@ def test_a_changed_image_or_setting_is_not_done():
     assert settings.differences(metadata) == []
     assert settings.differences({**metadata, "blora.steps": "61", "blora.base_model_sha256": "bad"}) == [
         "steps: file '61', wanted 60", "base_model_sha256: file 'bad', wanted 'f00'"]
+
+
+def test_a_file_the_worker_cannot_write_fails_its_image_with_the_packs_message(tmp_path):
+    """A thumbnail whose name a folder holds: the image's record says which file and why, in the
+    pack's words (not prefixed with an exception's class name), and the run goes on."""
+    from blora_pack.command_line import library_worker
+
+    entry = "cup_0123456789ab"
+    (tmp_path / library.THUMBNAILS / f"{entry}.png").mkdir(parents=True)
+    setup = library_worker.WorkerSetup(library=str(tmp_path), comfyui=None, checkpoint=None, tiny=True, cpu=True,
+                                       recipe="B-LoRA blocks (content + style)", precision="fp32", memory="auto",
+                                       checkpoint_every=0)
+    job = library_worker.ImageJob(image_name="cup.png", image_sha256="0" * 64, entry=entry, prompt="A [v] cup",
+                                  run_id="run")
+    image = tmp_path / "cup.png"
+    sample_image.draw_sample().resize((96, 96)).save(image)
+    settings = library.Settings(recipe=setup.recipe, steps=2, rank=4, learning_rate=1e-4, seed=0, prompt="A [v] cup",
+                                base_model_sha256="0" * 64)
+    record = library_worker.train_image(setup, job, image.read_bytes(), settings)
+    thumbnail = tmp_path / library.THUMBNAILS / f"{entry}.png"
+    assert record["status"] == library.FAILED
+    assert record["error"] == (f"Could not save {thumbnail}: a folder has the name '{entry}.png'. Rename or remove "
+                               f"that folder, or choose another name. (log: {library.LOGS}/{entry}.log)")

@@ -1,8 +1,12 @@
-"""The pack in a real ComfyUI server: registered, and training reports to the front end."""
+"""The pack in a real ComfyUI server: registered, training reports to the front end, Cancel, a
+re-queued prompt after its LoRA was deleted, and a server killed mid-training resumed exactly."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from devkit import PACK_ROOT
 from devkit import server as server_harness
@@ -26,14 +30,14 @@ def test_nodes_are_registered_with_their_inputs(server):
     assert list(info["BLoRALoadContentLoRA"]["input"]["required"]) == ["model", "lora_name", "strength"]
 
 
-def training_prompt(lora_name: str, steps: int) -> dict:
+def training_prompt(lora_name: str, steps: int, **inputs) -> dict:
     return {
         "1": {"class_type": "TinySDXLCheckpointLoader", "inputs": {"seed": 0}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "3": {"class_type": "TinyTextEncode", "inputs": {"text": "A [v]"}},
         "4": {"class_type": "BLoRATrain", "inputs": {
             "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0], "steps": steps, "learning_rate": 1e-4,
-            "rank": 4, "seed": 0, "lora_name": lora_name, "precision": "fp16"}},
+            "rank": 4, "seed": 0, "lora_name": lora_name, "precision": "fp16", **inputs}},
     }
 
 
@@ -50,6 +54,20 @@ def test_training_reports_every_step_and_saves_the_file(server):
     assert (workdir / "loras" / "served" / "cat.safetensors").is_file()
     assert history["outputs"]["4"]["text"] == ["saved served/cat.safetensors (4 steps, last loss "
                                               f"{events[-1]['loss']:.4f})"]
+
+
+def test_requeueing_the_same_prompt_trains_again_only_when_its_lora_was_deleted(server):
+    url, workdir = server
+    prompt, lora = training_prompt("again/cat", 2), workdir / "loras" / "again" / "cat.safetensors"
+    steps = lambda messages: [m["data"]["step"] for m in messages if m["type"] == "blora.train"]  # noqa: E731
+    history, messages = server_harness.run_prompt(url, prompt)
+    assert history["status"]["status_str"] == "success" and steps(messages) == [1, 2] and lora.is_file()
+    _, messages = server_harness.run_prompt(url, prompt)
+    assert steps(messages) == [], "the file is there: ComfyUI's cached result stands"
+    lora.unlink()
+    history, messages = server_harness.run_prompt(url, prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    assert steps(messages) == [1, 2] and lora.is_file(), "a deleted LoRA is trained again"
 
 
 def test_front_end_script_and_recipe_defaults_are_served(server):
@@ -90,3 +108,31 @@ def test_the_pack_loaded_twice_into_one_server_is_harmless(host, tmp_path):
     log = (workdir / "server.log").read_text()
     for folder in (server_harness.PACK_FOLDER_NAME, PACK_ROOT.name):
         assert f"seconds: {workdir / 'custom_nodes' / folder}\n" in log, f"{folder} was not loaded:\n{log[-3000:]}"
+
+
+def test_a_server_killed_mid_training_resumes_after_a_restart_to_the_uninterrupted_runs_file(host, tmp_path):
+    """SIGKILL (a crash, the OOM killer: no handler runs) after the checkpoint of step 2; the
+    server started again on the same folders resumes it, and the file equals an uninterrupted
+    run's bit for bit (every tensor, every metadata field but the time it was made)."""
+    workdir = tmp_path / "server"
+    settings = {"checkpoint_every": 2}
+    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url:
+        with server_harness.client(url) as (ws, client_id):
+            server_harness.queue_prompt(url, training_prompt("killed/cat", 6, **settings), client_id)
+            server_harness.receive_until(ws, lambda m: m["type"] == "blora.train" and m["data"]["step"] == 3)
+            server_harness.kill(url)
+    folder = workdir / "loras" / "killed"
+    assert (folder / "cat_checkpoint.trainstate").is_file() and not (folder / "cat.safetensors").exists()
+    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url:
+        resumed, messages = server_harness.run_prompt(url, training_prompt("killed/cat", 6, resume=True, **settings))
+        assert resumed["status"]["status_str"] == "success", resumed["status"]
+        assert [m["data"]["step"] for m in messages if m["type"] == "blora.train"][-1] == 6
+        straight, _ = server_harness.run_prompt(url, training_prompt("straight/cat", 6, **settings))
+        assert straight["status"]["status_str"] == "success", straight["status"]
+    files = [folder / "cat.safetensors", workdir / "loras" / "straight" / "cat.safetensors"]
+    (killed, killed_metadata), (expected, expected_metadata) = [
+        (load_file(str(path)), safe_open(str(path), "pt").metadata()) for path in files]
+    assert killed.keys() == expected.keys() and all(torch.equal(killed[k], expected[k]) for k in expected)
+    assert {**killed_metadata, "blora.created": ""} == {**expected_metadata, "blora.created": ""}
+    assert sorted(path.name for path in folder.iterdir()) == ["cat.safetensors"], \
+        "the checkpoint and any temporary file a killed save left are gone"

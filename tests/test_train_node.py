@@ -228,7 +228,8 @@ def test_resume_refuses_other_settings(host, loaded_sdxl, loras_dir, image_and_p
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(host, loaded_sdxl, image_and_prompt, steps=6, rank=4)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"different training setup \(alpha: checkpoint '4', now '8'; rank: checkpoint '4', now '8'\)"):  # alpha = rank, resolved
+    with pytest.raises(ValueError, match=r"different training setup \(rank: checkpoint 4, now 8; alpha: checkpoint 4\.0, now "
+                                         r"8\.0\)\. Use the same settings"):  # alpha = rank, resolved
         train(host, loaded_sdxl, image_and_prompt, steps=6, rank=8, resume=True)
     with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
         train(host, loaded_sdxl, image_and_prompt, steps=6, name="other", resume=True)

@@ -143,6 +143,48 @@ def test_cancel_saves_a_checkpoint_then_raises():
     assert saved[0].optimizer and len(saved[0].losses) == 3
 
 
+def test_cancel_after_the_last_step_keeps_it_and_a_resume_finishes_without_training():
+    """The host's Cancel can land in ``on_step`` after the last update (its progress hook
+    raises there): the checkpoint then holds every step, and resuming it trains nothing more."""
+    config = trainer.TrainConfig(steps=3, learning_rate=1e-2, seed=1, checkpoint_every=0)
+    adapters, latents = make_run()
+    saved = []
+
+    def on_step(step, total, loss, seconds):
+        if step == total:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        trainer.train(adapters, ToyModel(adapters), latents, ALPHAS_CUMPROD, config,
+                      trainer.TrainingHooks(on_step=on_step, save_checkpoint=saved.append))
+    assert [(s.step, len(s.losses)) for s in saved] == [(3, 3)], "the work of every completed step is kept"
+    trained = params_of(adapters)
+
+    model = ToyModel(adapters)
+    finished = trainer.train(adapters, model, latents, ALPHAS_CUMPROD, config,
+                             trainer.TrainingHooks(save_checkpoint=saved.append), resume=saved[0])
+    assert model.calls == 0 and len(saved) == 1, "no step trained, no checkpoint written again"
+    assert finished.step == 3 and finished.losses == saved[0].losses
+    assert all(torch.equal(a, b) for a, b in zip(params_of(adapters), trained))
+
+
+def test_a_checkpoint_that_cannot_be_saved_when_training_stops_does_not_hide_why_it_stopped(caplog):
+    adapters, latents = make_run()
+
+    def check_interrupt():
+        if model.calls == 2:
+            raise Cancelled()
+
+    def save_checkpoint(state):
+        raise OSError(28, "No space left on device")
+
+    model = ToyModel(adapters)
+    with pytest.raises(Cancelled):
+        trainer.train(adapters, model, latents, ALPHAS_CUMPROD, trainer.TrainConfig(steps=5, learning_rate=1e-2),
+                      trainer.TrainingHooks(check_interrupt=check_interrupt, save_checkpoint=save_checkpoint))
+    assert "the checkpoint at step 2 could not be saved ([Errno 28] No space left on device)" in caplog.text
+
+
 def test_periodic_checkpoints():
     adapters, latents = make_run()
     saved = []

@@ -62,7 +62,7 @@ def _refuse(sidecar: Path, why: str) -> CheckpointError:
                            "without .trainstate, .safetensors) still loads; turn 'resume' off to start over.")
 
 
-def _read(sidecar: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _read(sidecar: Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if not sidecar.is_file():
         raise FileNotFoundError(
             f"No checkpoint to resume from: {sidecar.name} is not in {sidecar.parent}. "
@@ -70,19 +70,38 @@ def _read(sidecar: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         )
     try:
         with safe_open(str(sidecar), framework="pt", device="cpu") as handle:
-            return dict(handle.metadata() or {}), {key: handle.get_tensor(key) for key in handle.keys()}
+            return dict(handle.metadata() or {}), {key: handle.get_tensor(key) for key in handle.keys() if tensors}
     except Exception as error:
         raise _refuse(sidecar, f"it is not a checkpoint this pack wrote (unreadable as safetensors: {error}); "
                                "it is never unpickled") from None
 
 
-def load_checkpoint(sidecar: Path, trainable: nn.Module) -> tuple[dict[str, torch.Tensor], TrainingState, dict]:
-    """The trained module's state dict, the training state and the recorded configuration, each
-    checked against ``trainable`` (names and shapes) and against each other."""
-    metadata, tensors = _read(sidecar)
+def recorded_config(sidecar: Path) -> dict:
+    """The configuration a checkpoint records (its metadata only), to compare with a resume's
+    before its tensors are checked against the run's: a changed rank is reported as a changed
+    setting, not as tensors that do not fit."""
+    metadata, _ = _read(sidecar, tensors=False)
+    _check_format(sidecar, metadata)
+    try:
+        return json.loads(metadata["config"])
+    except (KeyError, ValueError) as error:
+        raise _refuse(sidecar, f"its record is incomplete or damaged ({type(error).__name__}: {error})") from None
+
+
+def _check_format(sidecar: Path, metadata: dict[str, str]) -> None:
     if metadata.get("format") != FORMAT:
         raise _refuse(sidecar, f"it was written by another version of the pack "
                                f"({metadata.get('pack_version', 'before 0.1.0')}, now {PACK_VERSION})")
+
+
+def load_checkpoint(sidecar: Path, trainable: nn.Module, optimized: list[torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], TrainingState, dict]:
+    """The trained module's state dict, the training state and the recorded configuration, each
+    checked against ``trainable`` (names and shapes) and against each other. ``optimized``: the
+    parameters in the optimizer's order, which its saved state is indexed by (default: the
+    trainable's own order; a method's parameter groups may order them otherwise)."""
+    metadata, tensors = _read(sidecar)
+    _check_format(sidecar, metadata)
     try:
         step = int(metadata["step"])
         recorded = json.loads(metadata["config"])
@@ -102,7 +121,7 @@ def load_checkpoint(sidecar: Path, trainable: nn.Module) -> tuple[dict[str, torc
                    if k not in trained or k not in expected or trained[k].shape != expected[k].shape)
     if wrong:
         raise _refuse(sidecar, f"its trained tensors do not fit this run's LoRA ({len(wrong)} differ, e.g. {wrong[0]})")
-    parameters = [p for p in trainable.parameters()]
+    parameters = list(trainable.parameters()) if optimized is None else list(optimized)
     optimizer: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

@@ -143,6 +143,11 @@ class TrainingJob:
     exports: Callable[[], dict[Path, LoraFile]] = dict
     """Files only the finished run writes (the official diffusers export)."""
 
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """The parameters in the order the optimizer holds them (its state is indexed so)."""
+        method = self.training_method or TrainingMethod(self.trainable, self.config.learning_rate)
+        return [parameter for group in method.parameter_groups() for parameter in group["params"]]
+
     def lora_file(self, role: str = "") -> LoraFile:
         return self.build_files(self.config, role)
 
@@ -152,23 +157,19 @@ class TrainingJob:
     def final_files(self) -> dict[Path, LoraFile]:
         return {**{self.files.lora(role): self.lora_file(role) for role in self.files.roles}, **self.exports()}
 
-    def bytes_to_write(self) -> int:
-        """What the run's files take on disk at most at once: the checkpoint (LoRA files and the
-        trainstate: parameters, two AdamW moments), the final files, and the temporary copy of
-        the largest one while it replaces the old."""
+    def file_sizes(self) -> dict[Path, int]:
+        """Every file the run may write, with the bytes it takes on disk at most: each LoRA file
+        (final, checkpoint, export) and the trainstate (parameters, two AdamW moments), which
+        also counts the temporary copy of the largest file while it replaces the old one."""
         parameters = self.trainable.state_dict()
-        lora = sum(files.safetensors_bytes(*self.lora_file(role)) for role in self.files.roles)
+        loras = {role: files.safetensors_bytes(*self.lora_file(role)) for role in self.files.roles}
         trainstate = 3 * files.safetensors_bytes(parameters)
-        export = lora if self.exports is not dict else 0
-        return 2 * lora + trainstate + export + max(lora, trainstate)
-
-    def every_file(self) -> dict[Path, list[str]]:
-        """The names of every file the run may write, by folder."""
-        paths = [*self.files.lora_files(), *self.files.checkpoint_files(), self.files.trainstate]
-        by_folder: dict[Path, list[str]] = {}
-        for path in paths + ([self.files.diffusers_export] if self.exports is not dict else []):
-            by_folder.setdefault(path.parent, []).append(path.name)
-        return by_folder
+        sizes = {self.files.lora(role): size for role, size in loras.items()}
+        sizes.update({self.files.checkpoint_lora(role): size for role, size in loras.items()})
+        sizes[self.files.trainstate] = trainstate + max(trainstate, sum(loras.values()))
+        if self.exports is not dict:
+            sizes[self.files.diffusers_export] = sum(loras.values())
+        return sizes
 
 
 def lora_job(method: Method, config: TrainConfig, files_: OutputFiles, shapes: dict[str, tuple[int, int]],

@@ -6,6 +6,7 @@ encoded latents and the noise schedule, plus hooks for progress, Cancel and chec
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -201,8 +202,12 @@ def train(trainable: torch.nn.Module, predict, latents: torch.Tensor, alphas_cum
             hooks.on_step(state.step, config.steps, state.losses[-1], time.perf_counter() - began)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
                 hooks.save_checkpoint(snapshot())
-    except BaseException:
+    except BaseException as stopped:
         if state.step > started_at:
-            hooks.save_checkpoint(snapshot())
+            try:
+                hooks.save_checkpoint(snapshot())
+            except Exception as failed:  # the reason training stopped is what the user must see
+                logging.error("Training: the checkpoint at step %d could not be saved (%s); training stopped "
+                              "because of: %s", state.step, failed, stopped)
         raise
     return snapshot()
