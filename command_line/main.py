@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 from .. import methods
+from ..methods.sdxl import UNZIPLORA
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
 from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
 from . import library as library_command
 from . import sample_image, training_options
 from .runner import CommandLineError, node_definitions, run_prompt
+from .session import Session, existing_lora, image_stem
 
 WORKFLOWS = PACK_ROOT / "workflows"
 UNZIP_TINY_STEPS = 12
@@ -72,7 +74,8 @@ def command_stylize(args) -> None:
         raise CommandLineError("stylize needs --style (a style B-LoRA) or --text (a prompt such as 'A [c] made of gold').")
     session = Session(args)
     prompt = args.text or args.prompt or "A [c] in [s] style"
-    session.sample(FUSIONS[args.fuse](session, args), prompt, f"{args.fuse}/stylize", args)
+    folder = "blora" if args.fuse == "b-lora" else args.fuse  # B-LoRA's images beside generate's, as before
+    session.sample(FUSIONS[args.fuse](session, args), prompt, f"{folder}/stylize", args)
     session.run()
 
 

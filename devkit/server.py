@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -129,19 +130,34 @@ def queue_prompt(url: str, prompt: dict, client_id: str) -> str:
         raise AssertionError(f"prompt refused: {error.read().decode()}") from error
 
 
-def receive_until(ws, last, timeout: float = 300.0) -> list[dict]:
+def receive_until(ws, last, timeout: float = 300.0, texts: list | None = None) -> list[dict]:
     """The JSON messages the websocket receives, up to and including the first for which
-    ``last(message)`` is true."""
+    ``last(message)`` is true; ``texts`` gets the status lines shown on nodes meanwhile, as
+    ``(node id, text)``."""
     messages = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         frame = ws.recv()
         if not isinstance(frame, str):
+            if texts is not None:
+                texts.extend(node_text(frame))
             continue
         messages.append(json.loads(frame))
         if last(messages[-1]):
             return messages
     raise TimeoutError(f"no message ended the wait in {timeout} s (last: {messages[-1:]})")
+
+
+def node_text(frame: bytes) -> list[tuple[str, str]]:
+    """The ``(node id, text)`` a binary frame carries when it is a node's status line (the host's
+    ``send_progress_text``: event type, node id length, node id, text); else nothing."""
+    from protocol import BinaryEventTypes
+
+    (event,) = struct.unpack(">I", frame[:4])
+    if event != BinaryEventTypes.TEXT:
+        return []
+    (length,) = struct.unpack(">I", frame[4:8])
+    return [(frame[8:8 + length].decode(), frame[8 + length:].decode())]
 
 
 def is_end_of(message: dict, prompt_id: str) -> bool:

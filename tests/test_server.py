@@ -89,7 +89,13 @@ def test_cancel_stops_the_running_training_with_a_checkpoint_and_the_next_queued
         queued = server_harness.queue_prompt(url, training_prompt("queued/second", 2), client_id)
         server_harness.receive_until(ws, lambda message: message["type"] == "blora.train")
         server_harness.post(url, "/interrupt")
-        messages = server_harness.receive_until(ws, lambda message: server_harness.is_end_of(message, queued))
+        texts = []
+        messages = server_harness.receive_until(ws, lambda message: server_harness.is_end_of(message, queued),
+                                                texts=texts)
+    said = [text for node, text in texts if node == "4" and text.startswith("Cancelled: ")]
+    assert said and said[0].endswith(" (queued/first_checkpoint.trainstate). To continue, turn 'resume' on and run "
+                                     "again with the same settings (the seed is taken from the checkpoint); to start "
+                                     "over, leave 'resume' off."), texts
     assert "execution_interrupted" in [m["type"] for m in messages if m.get("data", {}).get("prompt_id") == running]
     assert (workdir / "loras" / "queued" / "first_checkpoint.safetensors").is_file()
     assert not (workdir / "loras" / "queued" / "first.safetensors").exists()
