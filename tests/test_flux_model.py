@@ -159,13 +159,18 @@ def test_single_block_replacement_sees_txt_then_img(tiny_flux):
     assert (seen[0][2] is None) == (seen[0][3] is None)  # both or neither, by host version
 
 
-def test_backward_through_single_blocks_needs_pre_norm_on_a_copy(host, twin, monkeypatch):
-    """The host's single block adds its residual in place (``x += ...``) to the tensor its
-    ``pre_norm`` saved for backward, so gradients cannot flow through two single blocks: a LoRA
-    on any single block but the last fails in backward. Feeding ``pre_norm`` a copy fixes that,
-    and the gradients then equal the twin's (rows q, k, v, mlp of ``linear1``). The double
-    blocks add in place too (``txt +=`` on both hosts, ``img +=`` on 0.33), so the frozen weights
-    must not ask for gradients: 0.3.64 leaves ``requires_grad`` on, 0.33 turns it off."""
+def test_backward_through_flux_needs_pre_norm_on_a_copy_and_the_training_flag(host, twin, monkeypatch):
+    """What a FLUX trainer must do for gradients to flow through the host's model:
+
+    - the single block adds its residual in place (``x += ...``) to the tensor its ``pre_norm``
+      saved for backward, so a LoRA on any single block but the last fails in backward; feeding
+      ``pre_norm`` a copy fixes it. The double blocks add in place too (``txt +=`` on both
+      hosts, ``img +=`` on 0.33), so frozen weights must not ask for gradients: 0.3.64 leaves
+      ``requires_grad`` on, 0.33 turns it off;
+    - on 0.33 the rope goes through comfy_kitchen's op, which has no backward, unless
+      ``comfy.model_management.in_training`` is set (as the host's own trainer does).
+
+    With both, the gradients equal the twin's (rows q, k, v, mlp of ``linear1``)."""
     import comfy.model_management
 
     from devkit import tiny_flux as harness
@@ -176,20 +181,26 @@ def test_backward_through_single_blocks_needs_pre_norm_on_a_copy(host, twin, mon
     transformer.requires_grad_(False)
     weight = transformer.single_blocks[0].linear1.weight
     weight.requires_grad_(True)
-    monkeypatch.setattr(comfy.model_management, "in_training", True, raising=False)
+    has_training_flag = hasattr(comfy.model_management, "in_training")
+    if has_training_flag:
+        monkeypatch.setattr(comfy.model_management, "in_training", True)
 
     def loss():
+        weight.grad = None
         out = transformer(latent, sigma, context=context, y=pooled, guidance=guidance)
         return (out.float() - target).square().mean()
 
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss().backward()
-    weight.grad = None
     for block in transformer.single_blocks:
         monkeypatch.setattr(block.pre_norm, "forward", (lambda f: lambda x: f(x.clone()))(block.pre_norm.forward))
+    if has_training_flag:
+        monkeypatch.setattr(comfy.model_management, "in_training", False)
+        with pytest.raises(RuntimeError, match="autograd"):
+            loss().backward()
+        monkeypatch.setattr(comfy.model_management, "in_training", True)
     loss().backward()
     comfy_grad = weight.grad.clone()
-    weight.grad = None
 
     block = twin.single_transformer_blocks[0]
     layers = [block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp]
