@@ -3,6 +3,9 @@ trainer mapped onto ComfyUI weights (checked against the host's own key map)."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,18 @@ from blora_pack.core import flux_blocks
 from blora_pack.core.flux_blocks import LoraTarget
 
 H = flux_blocks.FLUX1_HIDDEN_SIZE
+
+
+def test_naming_module_is_host_free():
+    """core/ never imports the host: only the standard library (and torch) here."""
+    source = Path(flux_blocks.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"__future__", "re", "typing", "torch"}
 
 
 def test_paper_numbers_round_trip_through_both_namings():
