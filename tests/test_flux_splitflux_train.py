@@ -1,0 +1,96 @@
+"""Train SplitFlux on the real host with the tiny FLUX: the files (stock-loadable, every layer
+taken by ComfyUI's FLUX key map), Cancel and an exact resume, the model untouched, and a clear
+error for a model of another family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TRAIN = "SplitFluxTrain"
+
+
+def press_cancel_during_step(host, monkeypatch, step_number: int) -> None:
+    """The host's Cancel, through its real interrupt flag, while the ``step_number``-th step
+    (1-based) runs the transformer."""
+    import comfy.model_management
+
+    inputs_class = host.pack("host.flux_training").FluxTrainingInputs
+    real = inputs_class.predictor
+    calls = {"n": 0}
+
+    def predictor(self, clone, device):
+        predict = real(self, clone, device)
+
+        def counting(*args):
+            calls["n"] += 1
+            if calls["n"] == step_number:
+                comfy.model_management.interrupt_current_processing(True)
+            return predict(*args)
+
+        return counting
+
+    monkeypatch.setattr(inputs_class, "predictor", predictor)
+
+
+@pytest.fixture(scope="module")
+def loaded_flux(host):
+    from devkit import tiny_flux
+
+    with torch.inference_mode():
+        return tiny_flux.build_tiny_flux()
+
+
+def train(host, model, name, steps=3, **optional):
+    from devkit import tiny_flux
+
+    latents = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))}
+    content = tiny_flux.tiny_flux_conditioning("A <c> object")
+    style = tiny_flux.tiny_flux_conditioning("A <s> style")
+    optional.setdefault("checkpoint_every", 0)
+    return host.run_node(TRAIN, model, latents, content, style, steps, 1e-3, 0, name, "fp32", **optional)
+
+
+def test_train_cancel_and_resume_exactly(host, loaded_flux, loras_dir, monkeypatch):
+    import comfy.model_management
+    import safetensors.torch
+
+    from devkit import tiny_flux
+
+    before = tiny_flux.transformer_weights(loaded_flux)
+    output = train(host, loaded_flux, "sf/straight")
+    assert output.result[1:3] == ("sf/straight_content.safetensors", "sf/straight_style.safetensors")
+    assert len(output.result[4]["loss"]) == 3
+    straight = {role: safetensors.torch.load_file(loras_dir / "sf" / f"straight_{role}.safetensors")
+                for role in ("content", "style")}
+    assert len(straight["content"]) == 2 * 3 * 12 and len(straight["style"]) == 2 * 3 * 26
+    assert straight["content"]["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 64
+    patched = output.result[0]
+    weights = tiny_flux.transformer_weights(loaded_flux)
+    assert all(torch.equal(before[k], weights[k]) for k in before)  # the user's model is untouched
+    # through the stock key map: the q, k and v row slices of every single block's linear1
+    assert set(patched.patches) == {f"diffusion_model.single_blocks.{i}.linear1.weight" for i in range(38)}
+    assert all(len(patches) == 3 for patches in patched.patches.values())
+
+    with monkeypatch.context() as patch:
+        press_cancel_during_step(host, patch, 2)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(host, loaded_flux, "sf/resumed")
+    assert (loras_dir / "sf" / "resumed_checkpoint.trainstate").is_file()
+    train(host, loaded_flux, "sf/resumed", resume=True)
+    for role, tensors in straight.items():
+        resumed = safetensors.torch.load_file(loras_dir / "sf" / f"resumed_{role}.safetensors")
+        assert set(resumed) == set(tensors)
+        assert all(torch.equal(resumed[k], tensors[k]) for k in tensors), role
+    assert not (loras_dir / "sf" / "resumed_checkpoint.trainstate").exists()
+    weights = tiny_flux.transformer_weights(loaded_flux)
+    assert all(torch.equal(before[k], weights[k]) for k in before)
+
+
+def test_a_model_of_another_family_is_refused_naming_the_supported_ones(host, loras_dir):
+    from devkit import tiny_models
+
+    with torch.inference_mode():
+        sdxl = tiny_models.build_tiny_sdxl()
+    with pytest.raises(ValueError, match=r"needs a FLUX\.1 model.*SDXL.*supports FLUX\.1"):
+        train(host, sdxl, "sf/x")
