@@ -31,16 +31,20 @@ DEFAULT_GUIDANCE = 3.5
 SUPPORTED_FAMILIES = "FLUX.1 (dev or schnell, loaded with Load Diffusion Model or as an all-in-one checkpoint)"
 
 
+def is_flux1(model) -> bool:
+    """A FLUX.1 transformer: ComfyUI's Flux with 19 double and 38 single blocks."""
+    base = getattr(model, "model", None)
+    unet_config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    return (isinstance(base, comfy.model_base.Flux) and unet_config.get("image_model") == "flux"
+            and unet_config.get("depth") == flux_blocks.DOUBLE_BLOCKS
+            and unet_config.get("depth_single_blocks") == flux_blocks.SINGLE_BLOCKS)
+
+
 def require_flux1(model, node_name: str) -> None:
-    """Refuse anything but a FLUX.1 transformer (19 double and 38 single blocks), naming what
-    was given and what the pack supports."""
+    """Refuse anything but a FLUX.1 transformer, naming what was given and what the pack supports."""
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
-    unet_config = getattr(config, "unet_config", {}) or {}
-    is_flux1 = (isinstance(base, comfy.model_base.Flux) and unet_config.get("image_model") == "flux"
-                and unet_config.get("depth") == flux_blocks.DOUBLE_BLOCKS
-                and unet_config.get("depth_single_blocks") == flux_blocks.SINGLE_BLOCKS)
-    if not is_flux1:
+    if not is_flux1(model):
         found = type(base).__name__ if base is not None else type(model).__name__
         detail = f" (detected as {type(config).__name__})" if config is not None else ""
         raise ValueError(

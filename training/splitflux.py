@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core import flux_blocks
+from ..core.flux_lora import MAIN_RANK_METADATA_KEY
 from ..core.lora_layer import LoraLayer
 from ..methods.flux import SPLITFLUX
 from .job import LoraFile, OutputFiles, TrainingJob, file_metadata
@@ -39,8 +40,6 @@ ROLES = ("content", "style")
 GROUP_ADAPTERS = {"content": ("main", "residual"), "rca": ("rca",), "style": ("style",)}
 PROJECTIONS = tuple(p.split(".")[-1] for p in SPLITFLUX.layers.projections)
 """``to_q``, ``to_k``, ``to_v``: their order is ``linear1``'s row order."""
-MAIN_RANK_METADATA_KEY = "splitflux.main_rank"
-"""In the content file: how many leading ranks of each content layer are the main branch."""
 
 
 @dataclass(frozen=True)
