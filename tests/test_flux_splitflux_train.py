@@ -94,3 +94,27 @@ def test_a_model_of_another_family_is_refused_naming_the_supported_ones(host, lo
         sdxl = tiny_models.build_tiny_sdxl()
     with pytest.raises(ValueError, match=r"needs a FLUX\.1 model.*SDXL.*supports FLUX\.1"):
         train(host, sdxl, "sf/x")
+
+
+def test_a_mask_replaces_the_gate_and_is_recorded(host, loaded_flux, loras_dir, monkeypatch):
+    """A MASK at image size becomes one value per image token (2 x 2 latent pixels, row by row)
+    and is what the content blocks' gate reads; the files record that a mask was used."""
+    import json
+
+    from safetensors import safe_open
+
+    flux_training = host.pack("host.flux_training")
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 32:] = 1.0  # the right half of the image
+    tokens = flux_training.token_mask(mask, torch.Size((1, 16, 8, 8)))
+    assert torch.equal(tokens, torch.tensor([[0.0, 0.0, 1.0, 1.0] * 4]))
+    seen = []
+    splitflux_module = host.pack("training.splitflux")
+    real_gate = splitflux_module.visual_gate
+    monkeypatch.setattr(splitflux_module, "visual_gate",
+                        lambda features, layout, settings: seen.append(layout.mask) or real_gate(features, layout, settings))
+    train(host, loaded_flux, "sf/masked", steps=1, mask=mask)
+    assert seen and all(torch.equal(m.cpu(), tokens) for m in seen)
+    with safe_open(loras_dir / "sf" / "masked_content.safetensors", "pt") as opened:
+        config = json.loads(opened.metadata()["blora.config"])
+    assert config["method_settings"]["masked"] is True
