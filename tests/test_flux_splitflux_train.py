@@ -118,3 +118,17 @@ def test_a_mask_replaces_the_gate_and_is_recorded(host, loaded_flux, loras_dir, 
     with safe_open(loras_dir / "sf" / "masked_content.safetensors", "pt") as opened:
         config = json.loads(opened.metadata()["blora.config"])
     assert config["method_settings"]["masked"] is True
+
+
+def test_the_8_gb_setting_trains_the_same_lora(host, loaded_flux, loras_dir):
+    """Gradient checkpointing of the single blocks (memory '8 GB') recomputes what 'fastest'
+    keeps: the same files."""
+    import safetensors.torch
+
+    train(host, loaded_flux, "sf/fast", steps=2, memory="fastest")
+    train(host, loaded_flux, "sf/small", steps=2, memory="8 GB")
+    for role in ("content", "style"):
+        fast = safetensors.torch.load_file(loras_dir / "sf" / f"fast_{role}.safetensors")
+        small = safetensors.torch.load_file(loras_dir / "sf" / f"small_{role}.safetensors")
+        for key, value in fast.items():
+            torch.testing.assert_close(small[key], value, rtol=1e-5, atol=1e-7)

@@ -15,11 +15,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _checkpointed_forward(forward):
+ADDS_TO_ITS_INPUT = ("SingleStreamBlock",)
+"""Layers that add to their input tensor in place (ComfyUI's FLUX single block: ``x += ...``): a
+checkpointed one must run on a copy, or its recomputation in backward reads the changed input."""
+
+
+def _checkpointed_forward(forward, copy_input: bool = False):
+    def on_a_copy(inputs, *args, **kwargs):
+        return forward(inputs.clone(), *args, **kwargs)
+
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(on_a_copy if copy_input else forward, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -32,7 +40,7 @@ def checkpointed(layers: list[torch.nn.Module]):
         for layer in layers:
             if "forward" in vars(layer):
                 raise RuntimeError(f"{type(layer).__name__} already has its forward replaced; not checkpointing it twice.")
-            layer.forward = _checkpointed_forward(layer.forward)
+            layer.forward = _checkpointed_forward(layer.forward, type(layer).__name__ in ADDS_TO_ITS_INPUT)
             patched.append(layer)
         yield
     finally:
