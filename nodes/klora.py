@@ -111,7 +111,11 @@ class KLoRAFuse(io.ComfyNode):
         if flux_training.is_flux1(model):
             content, style = _read_flux(model, content_lora), _read_flux(model, style_lora)
             return io.NodeOutput(_fused_flux(model, content, style, settings, content_strength, style_strength))
-        host_model.require_sdxl(model, "K-LoRA Fuse")
+        try:
+            host_model.require_sdxl(model, "K-LoRA Fuse")
+        except ValueError as error:
+            raise ValueError(f"{error} It also fuses FLUX LoRAs on FLUX.1 models "
+                             f"({flux_training.SUPPORTED_FAMILIES}).") from None
         content = host_model.read_lora(content_lora)
         style = host_model.read_lora(style_lora)
         return io.NodeOutput(_fused(model, content, style, settings, content_strength, style_strength))

@@ -75,7 +75,11 @@ class _BlockLoader(io.ComfyNode):
                 strength_mode: str = blora.STRENGTH_MODES[0], content_branches: str = CONTENT_BRANCHES[0]) -> io.NodeOutput:
         if flux_training.is_flux1(model):
             return io.NodeOutput(cls._on_flux(model, lora_name, strength, strength_mode, content_branches))
-        host_model.require_sdxl(model, cls.DISPLAY_NAME)
+        try:
+            host_model.require_sdxl(model, cls.DISPLAY_NAME)
+        except ValueError as error:
+            raise ValueError(f"{error} It also takes FLUX.1 models ({flux_training.SUPPORTED_FAMILIES}), where it "
+                             f"applies SplitFlux's {cls.ROLE} blocks.") from None
         block = blora.BLOCK_BY_ROLE[cls.ROLE]
         weights = host_model.read_lora(lora_name).only_block(block, cls.ROLE)
         factor = blora.delta_strength(strength, strength_mode)

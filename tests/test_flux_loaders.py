@@ -86,3 +86,14 @@ def test_wrong_part_and_no_main_branch_are_clear_errors(host, loaded_flux, files
                                 loras_dir / "plain.safetensors")
     with pytest.raises(ValueError, match="not a SplitFlux content file"):
         host.run_node(CONTENT, loaded_flux, "plain.safetensors", 1.0, "comfyui (linear)", "main only")
+
+
+def test_a_model_of_neither_family_is_refused_naming_both(host, files):
+    from devkit import tiny_models
+
+    sd15 = tiny_models.build_tiny_sd15()
+    for node in (CONTENT, STYLE):
+        with pytest.raises(ValueError, match=r"needs an SDXL model.*also takes FLUX\.1 models"):
+            host.run_node(node, sd15, "sf_content.safetensors", 1.0)
+    with pytest.raises(ValueError, match=r"needs an SDXL model.*also fuses FLUX LoRAs on FLUX\.1"):
+        host.run_node("KLoRAFuse", sd15, "sf_content.safetensors", "sf_style.safetensors")
