@@ -38,8 +38,6 @@ def resolve(setting: str, peak_gib: Mapping[str, float], free_gib: float | None,
         return setting, f"memory {setting} (as chosen)"
     if free_gib is None:
         return FASTEST, "memory auto: fastest (no GPU memory limit on this device)"
-    if not all(candidate in peak_gib for candidate in CHECKPOINTED):
-        return EIGHT_GB, "memory auto: 8 GB (no memory estimate for this method yet: the smallest setting)"
     scale = max(pixels / (1024 * 1024), 1.0)
     for candidate in (FASTEST, EIGHT_GB):
         needed = peak_gib[candidate] * scale + MARGIN_GIB
