@@ -147,8 +147,13 @@ class Fusion:
     plain_style: LoraWeights
 
 
-def plan_fusion(content: LoraWeights, style: LoraWeights, device: torch.device | str = "cpu") -> Fusion:
-    common = [p for p in set(content.layers) & set(style.layers) if layer_sets.selects(K_LORA.layers, p)]
+def plan_fusion(content: LoraWeights, style: LoraWeights, device: torch.device | str = "cpu",
+                switchable: Callable[[str], object] = functools.partial(layer_sets.selects, K_LORA.layers),
+                order: Callable[[str], str] = sdxl_unet.ldm_to_diffusers) -> Fusion:
+    """``switchable``: which layers both files change K-LoRA switches (SDXL's attention
+    projections, the registry's K-LoRA layers; FLUX's, ``core.flux_lora.ATTENTION_PIECES``);
+    ``order``: the key of the official layer order (the sorted diffusers names)."""
+    common = [p for p in set(content.layers) & set(style.layers) if switchable(p)]
     if not common:
         raise LoraFormatError(
             f"The content LoRA ({len(content.layers)} layers) and the style LoRA ({len(style.layers)} layers) "
@@ -156,7 +161,7 @@ def plan_fusion(content: LoraWeights, style: LoraWeights, device: torch.device |
             "LoRAs trained on the same layers (e.g. two LoRAs on all attention layers, or two B-LoRAs); to stack "
             "LoRAs on different layers, chain two LoRA loaders instead."
         )
-    switched = sorted(common, key=sdxl_unet.ldm_to_diffusers)
+    switched = sorted(common, key=order)
     ratios, top_k = [], {}
     for path in switched:
         c, s = content.layers[path], style.layers[path]
@@ -230,25 +235,48 @@ class KLoRALayer:
     """The ``forward`` of one K-LoRA layer: the base output plus the chosen LoRA's delta."""
 
     def __init__(self, base: Callable, content: LowRankOutput, style: LowRankOutput, constants: tuple[float, float],
-                 schedule: KLoRASchedule):
+                 schedule: KLoRASchedule, rows: slice | None = None):
         self.base = base
         self.content, self.style = content, style
         self.constants = constants
         self.schedule = schedule
+        self.rows = rows
+        """The output rows the LoRAs change (FLUX's q/k/v slices of a fused layer); None: all."""
 
     def __call__(self, inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         output = self.base(inputs, *args, **kwargs)
         delta = self.content if self.schedule.chooses_content(*self.constants) else self.style
-        return output + delta(inputs).to(output.dtype)
+        delta = delta(inputs).to(output.dtype)
+        if self.rows is None:
+            return output + delta
+        rows = self.rows
+        return torch.cat([output[..., :rows.start], output[..., rows] + delta, output[..., rows.stop:]], dim=-1)
 
 
 def layer_factories(fusion: Fusion, content: LoraWeights, style: LoraWeights, schedule: KLoRASchedule,
-                    content_strength: float = 1.0, style_strength: float = 1.0) -> dict[str, Callable]:
-    """``path -> (forward -> K-LoRA forward)`` for every switched layer."""
+                    content_strength: float = 1.0, style_strength: float = 1.0,
+                    module_of: Callable[[str], tuple[str, slice | None]] | None = None) -> dict[str, Callable]:
+    """``module path -> (forward -> K-LoRA forward)`` for every switched layer. ``module_of``
+    maps a layer to the module and output rows it changes (FLUX: several pieces of one fused
+    module, chained in the official order); default: the layer is the module, all rows."""
 
-    def factory(path):
+    def factory(path, rows):
         content_delta = functools.partial(content.layers[path].lora_output, strength=content_strength)
         style_delta = functools.partial(style.layers[path].lora_output, strength=style_strength)
-        return lambda base: KLoRALayer(base, content_delta, style_delta, fusion.constants[path], schedule)
+        return lambda base: KLoRALayer(base, content_delta, style_delta, fusion.constants[path], schedule, rows)
 
-    return {path: factory(path) for path in fusion.switched}
+    by_module: dict[str, list[tuple[int, Callable]]] = {}
+    for path in fusion.switched:
+        module, rows = module_of(path) if module_of else (path, None)
+        by_module.setdefault(module, []).append((0 if rows is None else rows.start, factory(path, rows)))
+
+    def chained(factories):
+        def make(base):
+            for make_one in factories:
+                base = make_one(base)
+            return base
+        return make
+
+    # within a fused module, the pieces choose in row order (q, k, v): the order diffusers calls them
+    return {module: chained([f for _, f in sorted(pieces, key=lambda piece: piece[0])])
+            for module, pieces in by_module.items()}

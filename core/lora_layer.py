@@ -74,6 +74,15 @@ class LoraLayer(nn.Module):
         product = product if scale == 1.0 else scale * product  # alpha = rank: one launch less
         return product.reshape(up.shape[0], *down.shape[1:])
 
+    def trained_output(self, inputs: torch.Tensor, adapter: str = DEFAULT) -> torch.Tensor:
+        """``scaling * (inputs @ down^T) @ up^T``, differentiable in the factors and the inputs,
+        as two thin products (peft's ``lora_B(lora_A(x)) * scaling``); in the inputs' dtype.
+        For trainers whose delta depends on the token (SplitFlux's gate)."""
+        down, up = (f.flatten(1).to(inputs.dtype) for f in self.factors(adapter))
+        output = (inputs @ down.t()) @ up.t()
+        scale = self.scaling(adapter)
+        return output if scale == 1.0 else scale * output
+
     def lora_output(self, inputs: torch.Tensor, adapter: str = DEFAULT, strength: float = 1.0) -> torch.Tensor:
         """``strength * scaling * (inputs @ down^T) @ up^T`` of frozen factors, in the inputs'
         dtype; the factors are cast once per device and dtype (and per inference mode: a copy made

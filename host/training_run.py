@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -67,7 +68,7 @@ class TrainingInputs:
         return TrainConfig(
             steps=steps, learning_rate=learning_rate, seed=seed,
             precision=precision_for(comfy.model_management.get_torch_device(), precision),
-            checkpoint_every=checkpoint_every, prediction=host_training.prediction_type(self.model),
+            checkpoint_every=checkpoint_every, prediction=self.prediction(),
             weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
             batch_size=min(recipe.batch_size, self.samples.shape[0]), method=method.key, recipe=recipe.name,
             rank=rank, alpha=alpha, images=self.samples.shape[0], images_sha256=tensor_sha256(self.samples),
@@ -77,6 +78,22 @@ class TrainingInputs:
 
     def shapes(self, method: Method) -> dict[str, tuple[int, int]]:
         return host_training.target_shapes(self.model, method.layers)
+
+    # How the model is run in training; a model family with other inputs overrides these
+    # (``host.flux_training.FluxTrainingInputs``).
+    def prediction(self) -> str:
+        return host_training.prediction_type(self.model)
+
+    def predictor(self, clone, device: torch.device):
+        """``predict(noisy, timesteps, index)`` on the training clone."""
+        return host_training.unet_predict(clone, self.conditionings, device)
+
+    def schedule(self, clone) -> torch.Tensor:
+        return host_training.noise_schedule(clone)
+
+    def training_context(self):
+        """Host state the model needs while it trains (entered around the whole run)."""
+        return contextlib.nullcontext()
 
 
 def output_files(lora_name: str, roles: tuple[str, ...] = ("",), overwrite: bool = True) -> OutputFiles:
@@ -170,10 +187,11 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
 
     reporter = progress.TrainingProgress(label, config.steps, node_id, start=resume_state.step if resume_state else 0,
                                          note=note)
-    with host_training.training_model(inputs.model, job.trainable, job.weight_wrappers, job.module_wrappers,
-                                      memory_settings.CHECKPOINTED[setting]) as (clone, device):
-        predict = host_training.unet_predict(clone, inputs.conditionings, device)
-        schedule = host_training.noise_schedule(clone).to(device)
+    with inputs.training_context(), host_training.training_model(
+            inputs.model, job.trainable, job.weight_wrappers, job.module_wrappers,
+            memory_settings.CHECKPOINTED[setting]) as (clone, device):
+        predict = inputs.predictor(clone, device)
+        schedule = inputs.schedule(clone).to(device)
 
         def on_step(step, total, loss, seconds):
             preview = None

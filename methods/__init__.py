@@ -7,9 +7,10 @@ no other module repeats these facts. Plain data: it imports nothing of the pack 
 from __future__ import annotations
 
 from .records import LayerSet, Method, Recipe  # noqa: F401
+from .flux import METHODS as FLUX_METHODS
 from .sdxl import METHODS as SDXL_METHODS
 
-METHODS: tuple[Method, ...] = SDXL_METHODS
+METHODS: tuple[Method, ...] = SDXL_METHODS + FLUX_METHODS
 BY_KEY = {method.key: method for method in METHODS}
 
 

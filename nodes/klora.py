@@ -6,9 +6,9 @@ import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
-from ..core import klora
+from ..core import flux_lora, klora
+from ..host import flux_lora as host_flux_lora, flux_training, model as host_model, step_patches
 from ..methods.sdxl import K_LORA
-from ..host import model as host_model, step_patches
 from .schema import CATEGORY
 
 WRAPPER_KEY = "blora_klora_fuse"
@@ -29,6 +29,36 @@ def _fused(model, content, style, settings: klora.KLoRASettings, content_strengt
     return step_patches.clone_with_step_layers(patched, layers, schedule, WRAPPER_KEY)
 
 
+def _read_flux(model, lora_name: str):
+    import safetensors.torch
+
+    path = host_model.lora_file_path(lora_name)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{lora_name}: FLUX LoRAs are read from .safetensors files.")
+    config = model.model.model_config.unet_config
+    return flux_lora.read_pieces(safetensors.torch.load_file(path), config["hidden_size"], config["mlp_ratio"],
+                                 lora_name)
+
+
+def _fused_flux(model, content, style, settings: klora.KLoRASettings, content_strength: float, style_strength: float):
+    """FLUX: both files cut into the pieces diffusers names (q/k/v of fused layers), K-LoRA on the
+    attention pieces both change, each adding into its rows of the fused module; the rest patched
+    through ComfyUI's FLUX key map."""
+    config = model.model.model_config.unet_config
+    fusion = klora.plan_fusion(content, style, comfy.model_management.get_torch_device(),
+                               switchable=flux_lora.ATTENTION_PIECES.match, order=str)
+    patched = model
+    for plain, strength, what in ((fusion.plain_content, content_strength, "content LoRA"),
+                                  (fusion.plain_style, style_strength, "style LoRA")):
+        if plain.layers:
+            patched = host_flux_lora.patched_clone(patched, flux_lora.pieces_state_dict(plain), strength, what)
+    schedule = klora.KLoRASchedule(settings, len(fusion.switched))
+    layers = klora.layer_factories(
+        fusion, content, style, schedule, content_strength, style_strength,
+        module_of=lambda piece: flux_lora.piece_target(piece, config["hidden_size"], config["mlp_ratio"]))
+    return step_patches.clone_with_step_layers(patched, layers, schedule, WRAPPER_KEY)
+
+
 class KLoRAFuse(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -45,7 +75,7 @@ class KLoRAFuse(io.ComfyNode):
                 "Layers only one file changes get that file's delta. Works with B-LoRA, kohya, PEFT and diffusers files."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
+                io.Model.Input("model", tooltip="An SDXL or FLUX.1 model; a patched clone comes out."),
                 io.Combo.Input("content_lora", options=loras, tooltip="The subject / content LoRA."),
                 io.Combo.Input("style_lora", options=loras, tooltip="The style LoRA."),
                 io.Combo.Input("pattern", options=list(klora.PATTERNS), default=K_LORA.defaults["pattern"], optional=True,
@@ -79,8 +109,15 @@ class KLoRAFuse(io.ComfyNode):
     def execute(cls, model, content_lora: str, style_lora: str, pattern: str = K_LORA.defaults["pattern"],
                 alpha: float = klora.DEFAULT_ALPHA, beta: float = 0.0, schedule: str = klora.SCHEDULES[0],
                 content_strength: float = 1.0, style_strength: float = 1.0) -> io.NodeOutput:
-        host_model.require_sdxl(model, "K-LoRA Fuse")
         settings = klora.KLoRASettings(pattern=pattern, alpha=alpha, beta=beta, schedule=schedule)
+        if flux_training.is_flux1(model):
+            content, style = _read_flux(model, content_lora), _read_flux(model, style_lora)
+            return io.NodeOutput(_fused_flux(model, content, style, settings, content_strength, style_strength))
+        try:
+            host_model.require_sdxl(model, "K-LoRA Fuse")
+        except ValueError as error:
+            raise ValueError(f"{error} It also fuses FLUX LoRAs on FLUX.1 models "
+                             f"({flux_training.SUPPORTED_FAMILIES}).") from None
         content = host_model.read_lora(content_lora)
         style = host_model.read_lora(style_lora)
         return io.NodeOutput(_fused(model, content, style, settings, content_strength, style_strength))

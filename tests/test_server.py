@@ -75,7 +75,7 @@ def test_front_end_script_and_recipe_defaults_are_served(server):
     scripts = server_harness.get_json(url, "/extensions")
     assert any(s.endswith("/blora_training.js") for s in scripts), scripts
     served = server_harness.get_json(url, "/blora/methods")
-    assert served["training_nodes"] == ["BLoRATrain", "UnZipLoRATrain"]
+    assert served["training_nodes"] == ["BLoRATrain", "SplitFluxTrain", "UnZipLoRATrain"]
     recipes = served["recipes"]
     assert recipes["all attention layers (style LoRA)"] == {"rank": 8, "learning_rate": 1e-5, "alpha": 0.0, "steps": 1000}
     assert recipes["B-LoRA blocks (content + style)"]["rank"] == 64

@@ -15,11 +15,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _checkpointed_forward(forward):
+ADDS_TO_ITS_INPUT = ("SingleStreamBlock",)
+"""Layers that add to their input tensor in place (ComfyUI's FLUX single block: ``x += ...``): a
+checkpointed one must run on a copy, or its recomputation in backward reads the changed input."""
+
+
+def _checkpointed_forward(forward, copy_input: bool = False):
+    def on_a_copy(inputs, *args, **kwargs):
+        return forward(inputs.clone(), *args, **kwargs)
+
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(on_a_copy if copy_input else forward, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -32,7 +40,7 @@ def checkpointed(layers: list[torch.nn.Module]):
         for layer in layers:
             if "forward" in vars(layer):
                 raise RuntimeError(f"{type(layer).__name__} already has its forward replaced; not checkpointing it twice.")
-            layer.forward = _checkpointed_forward(layer.forward)
+            layer.forward = _checkpointed_forward(layer.forward, type(layer).__name__ in ADDS_TO_ITS_INPUT)
             patched.append(layer)
         yield
     finally:
@@ -45,6 +53,8 @@ def backward_path_layers(unet: torch.nn.Module, trained_paths) -> list[torch.nn.
     are trained and the noisy latent needs no gradient: every layer from the first block that
     holds a trained module to the output. A layer is one entry of a block (ResBlock,
     SpatialTransformer, Upsample/Downsample), the granularity the UNet's own loop calls."""
+    if hasattr(unet, "single_blocks"):
+        return _flux_backward_path_layers(unet, trained_paths)
     blocks = [(f"input_blocks.{i}", block) for i, block in enumerate(unet.input_blocks)]
     blocks.append(("middle_block", unet.middle_block))
     blocks += [(f"output_blocks.{i}", block) for i, block in enumerate(unet.output_blocks)]
@@ -55,3 +65,14 @@ def backward_path_layers(unet: torch.nn.Module, trained_paths) -> list[torch.nn.
         return []
     layers = [layer for _, block in blocks[first:] for layer in block]
     return layers + [unet.out]
+
+
+def _flux_backward_path_layers(transformer: torch.nn.Module, trained_paths) -> list[torch.nn.Module]:
+    """FLUX (ComfyUI's ``single_blocks`` after ``double_blocks``): every block from the first
+    that holds a trained module, then the final layer."""
+    blocks = [(f"double_blocks.{i}", b) for i, b in enumerate(transformer.double_blocks)]
+    blocks += [(f"single_blocks.{i}", b) for i, b in enumerate(transformer.single_blocks)]
+    trained = list(trained_paths)
+    first = next((index for index, (name, _) in enumerate(blocks)
+                  if any(path.startswith(name + ".") for path in trained)), None)
+    return [] if first is None else [block for _, block in blocks[first:]] + [transformer.final_layer]

@@ -1,0 +1,103 @@
+"""SplitFlux written from the paper's equations on the diffusers FLUX twin (``tiny_flux``), with
+forward hooks, independently of the pack's code: the reference ``tests/test_flux_splitflux.py``
+holds the pack to.
+
+- q/k/v of ``single_transformer_blocks.i.attn`` (diffusers' separate projections):
+  content (i in 0-9): ``y_n += g_n B A x_n + (1 - g_n) D C x_n``, g_n = sigmoid((||x_n|| - mu) / sigma)
+  over the image tokens (population sigma), text tokens gate 1 (the pack's documented choice);
+  RCA (10-11): ``y += alpha B A x`` with alpha = 2; style (12-37): ``y += B A x``.
+- prompt replacement: a no-grad pass with the style prompt records the text stream
+  (``encoder_hidden_states``) entering each style block; the training pass replaces its own there.
+- loss (diffusers ``train_dreambooth_lora_flux.py``): x0 = (z - shift) * scale, sigma from
+  ``FlowMatchEulerDiscreteScheduler``'s training table, x_t = (1 - sigma) x0 + sigma noise,
+  MSE against noise - x0, plus lambda (||A C^T||^2 + ||B^T D||^2 + sum |BA ⊙ DC|) summed over
+  the content layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import tiny_flux
+
+FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
+RCA_ALPHA = 2.0
+LAMBDA = 0.1
+
+
+def group(index: int) -> str:
+    return "content" if index < 10 else "rca" if index < 12 else "style"
+
+
+class Reference:
+    """``factors[(i, projection)]``: dict adapter -> (down, up) leaf tensors (requires grad)."""
+
+    def __init__(self, twin, factors: dict, text_tokens: int, prompt_replacement: bool = True):
+        self.twin = twin
+        self.factors = factors
+        self.text_tokens = text_tokens
+        self.prompt_replacement = prompt_replacement
+        self.capturing = False
+        self.style_text: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for index, block in enumerate(twin.single_transformer_blocks):
+            for projection in ("to_q", "to_k", "to_v"):
+                self.handles.append(getattr(block.attn, projection).register_forward_hook(self._lora(index, projection)))
+            if group(index) == "style" and prompt_replacement:
+                self.handles.append(block.register_forward_pre_hook(self._replace(index), with_kwargs=True))
+
+    def _lora(self, index, projection):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            f = self.factors[(index, projection)]
+            if group(index) == "content":
+                norms = x[:, self.text_tokens:].detach().norm(dim=-1)
+                gate = torch.sigmoid((norms - norms.mean(1, keepdim=True)) / norms.std(1, keepdim=True, correction=0))
+                gate = torch.cat([torch.ones(x.shape[0], self.text_tokens), gate], 1)[..., None]
+                (a, b), (c, d) = f["main"], f["residual"]
+                return output + gate * (x @ a.t() @ b.t()) + (1 - gate) * (x @ c.t() @ d.t())
+            (a, b), = f.values()
+            return output + (RCA_ALPHA if group(index) == "rca" else 1.0) * (x @ a.t() @ b.t())
+        return hook
+
+    def _replace(self, index):
+        def hook(module, args, kwargs):
+            if self.capturing:
+                self.style_text[index] = kwargs["encoder_hidden_states"].detach()
+                return None
+            return args, {**kwargs, "encoder_hidden_states": self.style_text[index]}
+        return hook
+
+    def complementary(self) -> torch.Tensor:
+        total = 0
+        for (index, _), f in self.factors.items():
+            if group(index) != "content":
+                continue
+            (a, b), (c, d) = f["main"], f["residual"]
+            total = total + (a @ c.t()).square().sum() + (b.t() @ d).square().sum() + ((b @ a) * (d @ c)).abs().sum()
+        return total
+
+    def loss(self, latent, noise, index, content, style) -> torch.Tensor:
+        """``content``/``style``: (context, pooled, guidance); ``index``: the draw's table index."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                    max_image_seq_len=4096)
+        sigma = (scheduler.timesteps[index] / 1000).reshape(1).float()
+        x0 = (latent - FLUX_SHIFT) * FLUX_SCALE
+        noisy = (1 - sigma) * x0 + sigma * noise
+        if self.prompt_replacement:
+            self.capturing = True
+            with torch.no_grad():
+                tiny_flux.diffusers_flux_output(self.twin, noisy, sigma, *style)
+            self.capturing = False
+        prediction = tiny_flux.diffusers_flux_output(self.twin, noisy, sigma, *content)
+        return torch.nn.functional.mse_loss(prediction, noise - x0) + LAMBDA * self.complementary()
+
+    def parameters(self):
+        return [t for f in self.factors.values() for pair in f.values() for t in pair]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
