@@ -13,7 +13,7 @@ from ..host import flux_lora, flux_training, training_run
 from ..methods.flux import SPLITFLUX
 from ..training import memory as memory_settings, splitflux
 from ..training.trainer import PRECISIONS
-from .schema import CATEGORY, fingerprint, memory_input, overwrite_input, seed_input, training_output
+from .schema import TrainingNode, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "SplitFluxTrain"
 PAPER = SPLITFLUX.recipe
@@ -21,13 +21,13 @@ DEFAULTS = splitflux.SplitFluxSettings()
 LABEL = "Train SplitFlux"
 
 
-class TrainSplitFlux(io.ComfyNode):
+class TrainSplitFlux(TrainingNode):
+    NODE_ID = NODE_ID  # the module's, for TrainingNode
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=NODE_ID,
-            display_name=LABEL,
-            category=CATEGORY,
+        return training_schema(
+            NODE_ID, LABEL,
             description=(
                 "Trains SplitFlux on FLUX.1 from one image: a visual-gated content LoRA (main + residual branch) on "
                 "single blocks 0-9, rank-constrained adaptation on 10-11 and a style LoRA on 12-37, which see the "
@@ -51,8 +51,7 @@ class TrainSplitFlux(io.ComfyNode):
                                tooltip="bf16 (FLUX's own), fp16 with a gradient scaler, or fp32. On a CPU fp16 runs as fp32."),
                 io.Int.Input("checkpoint_every", default=PAPER.checkpoint_every, min=0, max=100000, optional=True,
                              tooltip="Save a resumable checkpoint every N steps (0: only on Cancel or error)."),
-                io.Boolean.Input("resume", default=False, optional=True,
-                                 tooltip="Continue from this lora_name's checkpoint (same settings) instead of starting over."),
+                resume_input(),
                 io.Mask.Input("mask", optional=True,
                               tooltip="The subject (e.g. from a segmentation node): replaces the computed visual gate "
                                       "(this pack's addition; the paper computes it from feature norms)."),
@@ -64,23 +63,13 @@ class TrainSplitFlux(io.ComfyNode):
                                        f"{DEFAULTS.complementary_weight:g})."),
                 io.String.Input("prompt", default=PAPER.settings["content_prompt"], optional=True,
                                 tooltip="Prompt text for the files' metadata."),
-                memory_input(),
-                overwrite_input(),
             ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the content (main + residual) and style LoRAs."),
-                io.String.Output(display_name="content_lora"),
-                io.String.Output(display_name="style_lora"),
-                io.Image.Output(display_name="loss_curve"),
-                io.LossMap.Output(display_name="loss"),
+            model_tooltip="The model with the content (main + residual) and style LoRAs.",
+            file_outputs=[
+                io.String.Output(display_name="content_lora", tooltip="The content file, relative to the loras folder."),
+                io.String.Output(display_name="style_lora", tooltip="The style file, relative to the loras folder."),
             ],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, lora_name: str = "", **_) -> tuple:
-        return fingerprint(NODE_ID, lora_name)
 
     @classmethod
     def execute(cls, model, latents, positive, style_positive, steps, learning_rate, seed, lora_name, precision,
@@ -89,6 +78,7 @@ class TrainSplitFlux(io.ComfyNode):
                 prompt=PAPER.settings["content_prompt"], memory=memory_settings.AUTO, overwrite=False) -> io.NodeOutput:
         settings = dataclasses.replace(DEFAULTS, prompt_replacement=prompt_replacement,
                                        complementary_weight=complementary_weight)
+        files = training_run.output_files(lora_name, splitflux.ROLES, overwrite)  # a bad name: refused before any work
         with torch.inference_mode(False):
             inputs = flux_training.FluxTrainingInputs.of_flux(
                 model, latents, positive, style_positive, LABEL, mask,
@@ -96,9 +86,9 @@ class TrainSplitFlux(io.ComfyNode):
             hidden = model.model.model_config.unet_config["hidden_size"]
             paths = {f"{block}.linear1": None for block in SPLITFLUX.layers.blocks}
             recorded = {**dataclasses.asdict(settings), "masked": mask is not None}
-            config = inputs.config(SPLITFLUX, steps, learning_rate, PAPER.rank, float(PAPER.rank), seed, precision,
+            rank, learning_rate, alpha = PAPER.resolved(0, learning_rate)
+            config = inputs.config(SPLITFLUX, steps, learning_rate, rank, alpha, seed, precision,
                                    checkpoint_every, paths, **recorded)
-            files = training_run.output_files(lora_name, splitflux.ROLES, overwrite)
             job = splitflux.splitflux_job(config, files, hidden, settings, prompt, inputs.layout)
             result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory, LABEL)
             trained = model
