@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
+from .. import methods
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
-from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
+from .comfyui import PACK_ROOT
 from . import library as library_command
-from . import sample_image, training_options
-from .runner import CommandLineError, node_definitions, run_prompt
+from . import training_options
+from .runner import CommandLineError, node_definitions
+from .session import Session, existing_lora, image_stem
 
 WORKFLOWS = PACK_ROOT / "workflows"
+UNZIPLORA = methods.by_key("unziplora")
 UNZIP_TINY_STEPS = 12
 """``unzip train --tiny``'s default: enough steps for every column period on the tiny model."""
 NEGATIVE = ""
@@ -121,10 +122,11 @@ def command_run(args) -> None:
 
     path = Path(args.workflow)
     if not path.is_file():
-        path = WORKFLOWS / (args.workflow if args.workflow.endswith(".json") else args.workflow + ".json")
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in WORKFLOWS.glob("*.json")))
-        raise CommandLineError(f"No workflow {args.workflow!r}; shipped ones: {shipped}.")
+        shipped = workflow_format.shipped(WORKFLOWS)
+        by_title = {p.stem: p for p in shipped.values()}
+        path = shipped.get(args.workflow.removesuffix(".json")) or by_title.get(args.workflow.removesuffix(".json"))
+        if path is None:
+            raise CommandLineError(f"No workflow {args.workflow!r}; shipped ones: {', '.join(sorted(shipped))}.")
     session = Session(args)
     prompt = workflow_format.ui_to_api(json.loads(path.read_text()), node_definitions(session.nodes))
     display = session.nodes.NODE_DISPLAY_NAME_MAPPINGS

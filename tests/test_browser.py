@@ -70,7 +70,7 @@ def browser_page(host, tmp_path_factory, request):
 
 def test_live_loss_chart_fills_during_training(browser_page):
     page, url, object_info, problems, renderer = browser_page
-    workflow = swap_loaders_ui(json.loads((ROOT / "workflows" / "b-lora_train.json").read_text()), object_info)
+    workflow = swap_loaders_ui(json.loads(workflow_format.shipped(ROOT / "workflows")["b-lora_train"].read_text()), object_info)
     browser_harness.load_workflow(page, workflow)
     train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "BLoRATrain")
     assert page.evaluate("(id) => document.body.contains(window.app.graph.getNodeById(id).bloraChart)", train_id)
