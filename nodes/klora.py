@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..core import klora
 from ..host import model as host_model, step_patches
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 WRAPPER_KEY = "blora_klora_fuse"
 
@@ -36,6 +36,7 @@ class KLoRAFuse(io.ComfyNode):
             node_id="KLoRAFuse",
             display_name="K-LoRA Fuse",
             category=CATEGORY,
+            **discovery("KLoRAFuse", "klora", "fuse", "merge lora", "content", "style", "subject"),
             description=(
                 "K-LoRA (Ouyang et al., CVPR 2025): fuses a content (subject) LoRA and a style LoRA with no training. "
                 "On every attention projection both files change, each call uses either the content or the style "

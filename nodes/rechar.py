@@ -13,7 +13,7 @@ from ..core import blora, sdxl_unet
 from ..core.glyph import canny_edges
 from ..core.windowed_lora import SigmaWindow, WindowedLoRA, sigma_window
 from ..host import model as host_model, step_patches
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 WRAPPER_KEY = "blora_rechar_structure_window"
 
@@ -34,6 +34,7 @@ class ReCharStructureFuse(io.ComfyNode):
             node_id="ReCharStructureFuse",
             display_name="ReChar Structure Fuse",
             category=CATEGORY,
+            **discovery("ReCharStructureFuse", "rechar", "character", "glyph", "font", "text effect", "structure", "canny"),
             description=(
                 "ReChar: the content block (output_blocks.0.1) of the structure B-LoRA (trained on the character or "
                 "glyph) with the style block (output_blocks.1.1) of the style B-LoRA; nothing else. With a glyph, "

@@ -13,7 +13,7 @@ from ..methods.sdxl import B_LORA, STYLE_LORA
 from ..training import memory as memory_settings
 from ..training.job import lora_job, trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import CATEGORY, fingerprint, memory_input, overwrite_input, seed_input, training_output
+from .schema import CATEGORY, discovery, fingerprint, memory_input, overwrite_input, seed_input, training_output
 
 NODE_ID = "BLoRATrain"
 RECIPES = methods.trained_by(NODE_ID)
@@ -27,6 +27,7 @@ class TrainBLoRA(io.ComfyNode):
             node_id=NODE_ID,
             display_name="Train B-LoRA",
             category=CATEGORY,
+            **discovery(NODE_ID, "train", "training", "fine-tune", "content", "style", "style lora"),
             description=(
                 "Fine-tunes LoRA on SDXL's two B-LoRA blocks (content output_blocks.0.1, style output_blocks.1.1) to "
                 "reconstruct the image(s), inside ComfyUI, on the loaded model (no second copy). The file lands in "

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..core import column_masks
 from ..host import model as host_model, unzip_recombine
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 NO_MERGER = "none"
 
@@ -29,6 +29,7 @@ class UnZipColumnMaskMerge(io.ComfyNode):
             node_id="UnZipColumnMaskMerge",
             display_name="UnZip Column Mask Merge",
             category=CATEGORY,
+            **discovery("UnZipColumnMaskMerge", "unziplora", "unzip", "merge", "recombine", "content", "style"),
             description=(
                 "Recombines a content LoRA and a style LoRA (UnZipLoRA): on every layer, W0 + s_c diag(m_c) B_c A_c + "
                 "s_s diag(m_s) B_s A_s, where m are per-output-feature merger weights. Reads the official "

@@ -14,7 +14,7 @@ from ..methods.sdxl import UNZIPLORA
 from ..training import memory as memory_settings, unziplora
 from ..training.job import trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import CATEGORY, fingerprint, memory_input, overwrite_input, seed_input, training_output
+from .schema import CATEGORY, discovery, fingerprint, memory_input, overwrite_input, seed_input, training_output
 
 NODE_ID = "UnZipLoRATrain"
 PAPER = UNZIPLORA.recipe
@@ -35,6 +35,7 @@ class TrainUnZipLoRA(io.ComfyNode):
             node_id=NODE_ID,
             display_name="Train UnZipLoRA",
             category=CATEGORY,
+            **discovery(NODE_ID, "unziplora", "unzip", "train", "training", "content", "style"),
             description=(
                 "Trains a content LoRA and a style LoRA from one image at once (UnZipLoRA), kept apart by prompts "
                 "(each LoRA sees its own prompt in cross-attention), column masks with learned mergers, and block "

@@ -79,14 +79,40 @@ def test_translations_are_valid_frontend_messages(lang):
             assert not set(bare) & set(node_docs.I18N_SPECIAL), f"{lang}/{name}: {string!r}"
 
 
-def test_the_host_serves_the_translations_and_help_pages(host, tmp_path):
-    with server_harness.comfy_server(COMFYUI_PATH, tmp_path) as url:
-        served = server_harness.get_json(url, "/i18n")
-        for lang in LANGUAGES:
-            assert served[lang]["nodeDefs"]["BLoRATrain"]["inputs"]["steps"]["name"]
-        assert served["zh"]["nodeDefs"]["BLoRATrain"]["display_name"] == "训练 B-LoRA"
-        folder = server_harness.PACK_FOLDER_NAME
-        for path in (f"/extensions/{folder}/docs/BLoRATrain.md", f"/extensions/{folder}/docs/BLoRATrain/zh.md",
-                     f"/extensions/{folder}/docs/images/b-lora_train.jpg"):
-            with urllib.request.urlopen(url + path) as response:
-                assert response.status == 200 and response.read()
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):
+    with server_harness.comfy_server(COMFYUI_PATH, tmp_path_factory.mktemp("docs")) as url:
+        yield url
+
+
+def test_every_node_is_found_by_the_packs_name_where_the_host_has_search_aliases(server, schemas):
+    """The frontend's node search (1.49.6 and 1.58.1) matches ids, display names and
+    ``search_aliases``; 0.3.64's schema has no aliases and loads the nodes without them."""
+    import dataclasses
+
+    from blora_pack import methods
+    from comfy_api.latest import io
+
+    info = server_harness.get_json(server, "/object_info")
+    has_aliases = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+    for schema in schemas:
+        aliases = info[schema.node_id].get("search_aliases") or []
+        if has_aliases:
+            assert "B-LoRA" in aliases and "style transfer" in aliases, schema.node_id
+            assert {m.title for m in methods.METHODS if schema.node_id in m.nodes} <= set(aliases)
+        else:
+            assert aliases == [], schema.node_id
+        assert not info[schema.node_id].get("essentials_category"), "keeps the node in the library's Extensions"
+
+
+def test_the_host_serves_the_translations_and_help_pages(server):
+    url = server
+    served = server_harness.get_json(url, "/i18n")
+    for lang in LANGUAGES:
+        assert served[lang]["nodeDefs"]["BLoRATrain"]["inputs"]["steps"]["name"]
+    assert served["zh"]["nodeDefs"]["BLoRATrain"]["display_name"] == "训练 B-LoRA"
+    folder = server_harness.PACK_FOLDER_NAME
+    for path in (f"/extensions/{folder}/docs/BLoRATrain.md", f"/extensions/{folder}/docs/BLoRATrain/zh.md",
+                 f"/extensions/{folder}/docs/images/b-lora_train.jpg"):
+        with urllib.request.urlopen(url + path) as response:
+            assert response.status == 200 and response.read()
