@@ -116,6 +116,19 @@ def _parse_value(text: str):
         return text
 
 
+CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name"}
+
+
+def use_checkpoint(prompt: dict, checkpoint: str) -> None:
+    """``run --checkpoint``: every checkpoint loader of the workflow loads ``checkpoint``."""
+    loaders = [node for node in prompt.values() if node["class_type"] in CHECKPOINT_LOADERS]
+    if not loaders:
+        raise CommandLineError("--checkpoint: this workflow has no Load Checkpoint node; set its model loader "
+                               "with --set NODE.INPUT=VALUE instead.")
+    for node in loaders:
+        node["inputs"][CHECKPOINT_LOADERS[node["class_type"]]] = checkpoint
+
+
 def command_run(args) -> None:
     """Any workflow (a shipped one by name, or a UI-format file), inputs overridden with --set."""
     from . import workflow_format
@@ -129,6 +142,8 @@ def command_run(args) -> None:
             raise CommandLineError(f"No workflow {args.workflow!r}; shipped ones: {', '.join(sorted(shipped))}.")
     session = Session(args)
     prompt = workflow_format.ui_to_api(json.loads(path.read_text()), node_definitions(session.nodes))
+    if args.checkpoint:
+        use_checkpoint(prompt, args.checkpoint)
     display = session.nodes.NODE_DISPLAY_NAME_MAPPINGS
     names = {str(n["id"]): {n.get("title"), n["type"], display.get(n["type"])} for n in json.loads(path.read_text())["nodes"]}
     for assignment in args.set:

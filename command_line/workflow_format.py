@@ -181,7 +181,7 @@ def for_host(workflow: dict, object_info: dict) -> dict:
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API-format prompt of a UI-format workflow; raises WorkflowError where the editor would
     not load it (unknown node type, widget values that do not fit the node's widgets)."""
-    workflow = for_host(workflow, object_info)
+    workflow = for_host(flatten_subgraphs(workflow), object_info)
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
@@ -275,3 +275,45 @@ def shipped(folder) -> dict:
         if key:
             found[key] = path
     return found
+
+
+def flatten_subgraphs(workflow: dict) -> dict:
+    """The workflow with each subgraph node (its type a ``definitions.subgraphs`` id) replaced by
+    the nodes inside it, ids ``"<outer>:<inner>"`` and links rewired through the subgraph's
+    inputs and outputs, as the editor does when it queues a workflow."""
+    definitions = {d["id"]: d for d in workflow.get("definitions", {}).get("subgraphs", [])}
+    if not any(n["type"] in definitions for n in workflow["nodes"]):
+        return workflow
+    workflow = json.loads(json.dumps(workflow))
+    links = {link[0]: link for link in workflow["links"]}
+    next_id = max([0, *links]) + 1
+    nodes = []
+    for outer in workflow["nodes"]:
+        definition = definitions.get(outer["type"])
+        if definition is None:
+            nodes.append(outer)
+            continue
+        prefix = f"{outer['id']}:"
+        inner_ids = {}
+        for inner in definition["nodes"]:
+            inner_ids[inner["id"]] = prefix + str(inner["id"])
+            nodes.append({**inner, "id": inner_ids[inner["id"]],
+                          "inputs": [{**i, "link": None} for i in inner.get("inputs", [])]})
+        placed = {n["id"]: n for n in nodes}
+        for link in definition["links"]:
+            target_id = link["target_id"]
+            if link["origin_id"] == -10:  # from the subgraph's input: from what feeds the outer node's input
+                outer_link = links.get(outer["inputs"][link["origin_slot"]].get("link"))
+                if outer_link is None:
+                    continue
+                origin, slot = outer_link[1], outer_link[2]
+            else:
+                origin, slot = inner_ids[link["origin_id"]], link["origin_slot"]
+            if target_id == -20:  # to the subgraph's output: to every consumer of the outer node's output
+                for outer_link in [l for l in links.values() if l[1] == outer["id"] and l[2] == link["target_slot"]]:
+                    outer_link[1], outer_link[2] = origin, slot
+                continue
+            links[next_id] = [next_id, origin, slot, inner_ids[target_id], link["target_slot"], link["type"]]
+            placed[inner_ids[target_id]]["inputs"][link["target_slot"]]["link"] = next_id
+            next_id += 1
+    return {**workflow, "nodes": nodes, "links": list(links.values())}

@@ -120,3 +120,16 @@ def test_ipadapter_variants_fit_that_packs_node_definitions(server, workflow):
     core = workflow_format.for_host(json.loads(SHIPPED[json.loads(workflow.read_text())["extra"]["blora"]["key"]
                                                 .removesuffix("_ipadapter")].read_text()), object_info)
     assert {n["type"] for n in core["nodes"]} - {"Note"} <= types, "the variant keeps the core workflow's nodes"
+
+
+def test_run_with_checkpoint_loads_that_checkpoint(server):
+    """``cli.py run WORKFLOW --checkpoint X``: the workflow's own checkpoint name is replaced."""
+    from blora_pack.command_line import main
+
+    _, object_info = server
+    prompt = workflow_format.ui_to_api(json.loads(SHIPPED["rechar_character"].read_text()), object_info)
+    main.use_checkpoint(prompt, "my_sdxl.safetensors")
+    loaders = [n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders and all(n["inputs"]["ckpt_name"] == "my_sdxl.safetensors" for n in loaders)
+    with pytest.raises(main.CommandLineError, match="no Load Checkpoint"):
+        main.use_checkpoint({"1": {"class_type": "KSampler", "inputs": {}}}, "x.safetensors")
