@@ -63,7 +63,8 @@ def plan_images(folder: Path, run_id: str) -> list[PlannedImage]:
     from .library_worker import ImageJob
 
     if not folder.is_dir():
-        raise CommandLineError(f"--images {folder}: no such folder.")
+        raise CommandLineError(f"--images {folder}: no such folder. Make it and copy your reference images into it "
+                               "(one B-LoRA each), or name the folder that holds them.")
     files = library.image_files(folder)
     if not files:
         raise CommandLineError(f"--images {folder}: no image in it (looked for {', '.join(library.IMAGE_SUFFIXES)}).")
