@@ -71,8 +71,8 @@ class KLoRAFuse(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, content_lora: str, style_lora: str) -> bool | str:
-        return host_model.lora_files_problem(content_lora, style_lora)
+    def validate_inputs(cls, content_lora: str, style_lora: str) -> bool:
+        return host_model.require_lora_files(content_lora, style_lora)
 
     @classmethod
     def execute(cls, model, content_lora: str, style_lora: str, pattern: str = "s*",

@@ -55,8 +55,8 @@ class _BlockLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name: str) -> bool | str:
-        return host_model.lora_files_problem(lora_name)
+    def validate_inputs(cls, lora_name: str) -> bool:
+        return host_model.require_lora_files(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float,

@@ -26,6 +26,12 @@ def _windowed(model, weights, strength: float, start: float, end: float):
     return step_patches.clone_with_step_layers(model, layers, window, WRAPPER_KEY)
 
 
+def check_window(structure_start: float, structure_end: float) -> None:
+    if not 0.0 <= structure_start < structure_end <= 1.0:
+        raise ValueError(f"structure_start ({structure_start}) must be below structure_end ({structure_end}), "
+                         "both between 0 and 1.")
+
+
 class ReCharStructureFuse(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -66,17 +72,17 @@ class ReCharStructureFuse(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, structure_lora: str, style_lora: str) -> bool | str:
-        return host_model.lora_files_problem(structure_lora, style_lora)
+    def validate_inputs(cls, structure_lora: str, style_lora: str, structure_start: float = 0.0,
+                        structure_end: float = 1.0) -> bool:
+        check_window(structure_start, structure_end)
+        return host_model.require_lora_files(structure_lora, style_lora)
 
     @classmethod
     def execute(cls, model, structure_lora: str, style_lora: str, structure_strength: float, style_strength: float,
                 glyph=None, structure_start: float = 0.0, structure_end: float = 1.0,
                 strength_mode: str = blora.STRENGTH_MODES[0]) -> io.NodeOutput:
         host_model.require_sdxl(model, "ReChar Structure Fuse")
-        if not 0.0 <= structure_start < structure_end <= 1.0:
-            raise ValueError(f"structure_start ({structure_start}) must be below structure_end ({structure_end}), "
-                             "both between 0 and 1.")
+        check_window(structure_start, structure_end)
         structure = host_model.read_lora(structure_lora).only_block(sdxl_unet.CONTENT_BLOCK, "structure (content)")
         style = host_model.read_lora(style_lora).only_block(sdxl_unet.STYLE_BLOCK, "style")
         structure_factor = blora.delta_strength(structure_strength, strength_mode)
