@@ -75,6 +75,7 @@ def test_clear_errors(cli, arguments, message):
     (["run", "no_such_workflow", "--tiny"], "shipped ones: b-lora_consistent_style"),
     (["run", "b-lora_train", "--tiny", "--set", "steps"], "--set takes NODE.INPUT=VALUE"),
     (["stylize", "--tiny", "--content", "b-lora/x"], "stylize needs --style"),
+    (["run", "b-lora_train", "--tiny"], "no ComfyUI there"),  # the check itself: here --comfyui is first wrong
     (["stylize", "--tiny", "--content", "b-lora/x", "--text", "t", "--fuse", "k-lora"], "--fuse k-lora needs --style"),
 ])
 def test_arguments_are_checked_before_comfyui_starts(cli, arguments, message):

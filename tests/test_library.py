@@ -239,3 +239,17 @@ def test_a_changed_image_or_setting_is_not_done():
     assert settings.differences(metadata) == []
     assert settings.differences({**metadata, "blora.steps": "61", "blora.base_model_sha256": "bad"}) == [
         "steps: file '61', wanted 60", "base_model_sha256: file 'bad', wanted 'f00'"]
+
+
+def test_an_unreachable_cluster_is_refused_quickly_and_creates_nothing(needs_ray_and_host, images, tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    started = time.monotonic()
+    result = run("train", "--tiny", "--ray", address, "--images", str(images), "--out", str(tmp_path / "library"),
+                 expect=2)
+    assert time.monotonic() - started < 90, "Ray's own retries take minutes"
+    assert f"--ray {address}: nothing answers there" in result.stderr and "ray start --head" in result.stderr
+    assert not (tmp_path / "library").exists()
