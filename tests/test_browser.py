@@ -128,3 +128,21 @@ def test_recipe_choice_fills_in_its_defaults(browser_page):
     }""")
     assert values == {"rank": 8, "learning_rate": 1e-5}
     assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]
+
+
+def test_templates_show_the_packs_titles_and_pictures(browser_page):
+    """The template browser lists the pack's workflows under its folder, by title, each with its
+    picture (fetched from the pack's workflows/ folder)."""
+    page, _, _, problems, _ = browser_page
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    title = "B-LoRA - train on one image"
+    picture = f"/workflow_templates/{server_harness.PACK_FOLDER_NAME}/{title}.jpg"
+    from urllib.parse import unquote
+
+    with page.expect_response(lambda r: unquote(r.url).endswith(picture), timeout=60_000) as fetched:
+        page.get_by_text(server_harness.PACK_FOLDER_NAME, exact=True).first.click(timeout=60_000)
+    assert fetched.value.status == 200 and fetched.value.headers["content-type"] == "image/jpeg"
+    page.get_by_text(title, exact=True).first.wait_for(timeout=30_000)
+    for _ in range(3):
+        page.keyboard.press("Escape")
+    assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]

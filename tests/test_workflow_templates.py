@@ -46,7 +46,7 @@ def test_each_workflow_has_its_title_description_and_picture():
         display = {n["type"]: n["type"] for n in workflow["nodes"]}  # titles only change the boxes' labels
         redrawn = build_workflows.thumbnail(item, workflow, {t: {"display_name": d} for t, d in display.items()})
         banner = workflow_thumbnails.BANNER
-        difference = np.abs(np.asarray(picture, float)[:banner] - np.asarray(redrawn, float)[:banner]).mean()
+        difference = np.abs(np.asarray(picture, float)[-banner:] - np.asarray(redrawn, float)[-banner:]).mean()
         assert difference < 4, f"{path.name}: its picture shows another title or description; run tools.build_workflows"
 
 

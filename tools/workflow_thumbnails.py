@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 512
 BANNER = 104
+"""The title and description, at the bottom (the template browser's card covers the top left with a badge)."""
+TOP = 48
 PACK_COLOUR, CORE_COLOUR, NOTE_COLOUR = (86, 62, 140), (58, 64, 74), (100, 80, 50)
 
 
@@ -37,10 +39,10 @@ def draw(workflow: dict, title: str, description: str, pack_nodes: set[str], dis
     top = min(n["pos"][1] for n in nodes.values())
     right = max(n["pos"][0] + n["size"][0] for n in nodes.values())
     bottom = max(n["pos"][1] + n["size"][1] for n in nodes.values())
-    scale = min((SIZE - 24) / (right - left), (SIZE - BANNER - 20) / (bottom - top))
+    scale = min((SIZE - 24) / (right - left), (SIZE - BANNER - TOP - 8) / (bottom - top))
 
     def box(node) -> tuple[float, float, float, float]:
-        x, y = 12 + (node["pos"][0] - left) * scale, BANNER + 8 + (node["pos"][1] - top) * scale
+        x, y = 12 + (node["pos"][0] - left) * scale, TOP + (node["pos"][1] - top) * scale
         return x, y, x + node["size"][0] * scale, y + node["size"][1] * scale
 
     for link in workflow["links"]:
@@ -53,8 +55,8 @@ def draw(workflow: dict, title: str, description: str, pack_nodes: set[str], dis
         label = "Note" if node["type"] == "Note" else node.get("title") or display_names.get(node["type"], node["type"])
         for index, line in enumerate(_wrap(canvas, label, node_font, int(x1 - x0) - 4)[:2]):
             canvas.text((x0 + 3, y0 + 2 + 12 * index), line, font=node_font, fill=(235, 235, 235))
-    canvas.rectangle([0, 0, SIZE, BANNER], fill=(20, 20, 24))
-    canvas.text((12, 8), title, font=title_font, fill=(255, 255, 255))
+    canvas.rectangle([0, SIZE - BANNER, SIZE, SIZE], fill=(20, 20, 24))
+    canvas.text((12, SIZE - BANNER + 8), title, font=title_font, fill=(255, 255, 255))
     for index, line in enumerate(_wrap(canvas, description, text_font, SIZE - 24)[:3]):
-        canvas.text((12, 42 + 19 * index), line, font=text_font, fill=(200, 200, 210))
+        canvas.text((12, SIZE - BANNER + 42 + 19 * index), line, font=text_font, fill=(200, 200, 210))
     return image
