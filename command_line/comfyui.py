@@ -7,6 +7,8 @@ pack (its place in a real install, ``ComfyUI/custom_nodes/<pack>``), then ``~/Co
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -57,7 +59,8 @@ def start_comfyui(path: Path, cpu: bool = True, folders: Path | None = None):
         use_folders(Path(folders))
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    with _without_server_only_failures():
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
         raise RuntimeError(f"ComfyUI's custom-node loader could not load the pack at {PACK_ROOT}")
     return nodes
@@ -73,6 +76,43 @@ def use_folders(folders: Path) -> None:
         set_directory(str(folders / name))
     (folders / "loras").mkdir(exist_ok=True)
     folder_paths.add_model_folder_path("loras", str(folders / "loras"), is_default=True)
+SERVER_ONLY_EXTRAS = ("nodes_replacements.py",)
+"""Built-in node files that need a running server (0.33's node replacements, which tell the editor
+which node replaces a deprecated one, register with ``PromptServer.instance``): started as a
+library, ComfyUI reports them as IMPORT FAILED with advice to reinstall its requirements, which
+is wrong here; nothing the command line runs uses them."""
+
+
+class _HeldWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _without_server_only_failures():
+    """Hold the host's warnings while it loads its built-in nodes; let them through unless the
+    only files that failed are ``SERVER_ONLY_EXTRAS`` (then the failure report is dropped)."""
+    root = logging.getLogger()
+    held, handlers = _HeldWarnings(), root.handlers[:]
+    root.handlers = [held]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        failed = [r.getMessage().split("IMPORT FAILED:", 1)[1].strip() for r in held.records
+                  if "IMPORT FAILED:" in r.getMessage()]
+        report = set(failed) <= set(SERVER_ONLY_EXTRAS)
+        for record in held.records:
+            message = record.getMessage()
+            if report and (any(name in message for name in SERVER_ONLY_EXTRAS) or "IMPORT FAILED" in message
+                           or "did not import correctly" in message or "pip install -r requirements.txt" in message
+                           or "might be caused by new missing dependencies" in message or not message.strip()):
+                continue
+            root.handle(record)
 
 
 def _pack_module_name() -> str:

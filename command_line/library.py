@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 import uuid
@@ -66,7 +67,8 @@ def plan_images(folder: Path, run_id: str) -> list[PlannedImage]:
     from .library_worker import ImageJob
 
     if not folder.is_dir():
-        raise CommandLineError(f"--images {folder}: no such folder.")
+        raise CommandLineError(f"--images {folder}: no such folder. Make it and copy your reference images into it "
+                               "(one B-LoRA each), or name the folder that holds them.")
     files = library.image_files(folder)
     if not files:
         raise CommandLineError(f"--images {folder}: no image in it (looked for {', '.join(library.IMAGE_SUFFIXES)}).")
@@ -87,6 +89,26 @@ def plan_images(folder: Path, run_id: str) -> list[PlannedImage]:
     return list(planned.values())
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def require_reachable(address: str) -> None:
+    """Refuse a cluster address nothing answers at, within ``CONNECT_TIMEOUT_S`` (Ray itself
+    retries for minutes, logging every attempt). ``auto`` (the address this machine's ``ray start``
+    wrote) is left to Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise CommandLineError(f"--ray {address}: give the head node as HOST:PORT (e.g. 10.0.0.5:6379), or auto.")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise CommandLineError(f"--ray {address}: nothing answers there ({error.strerror or error}). Start the head "
+                               f"node with 'ray start --head --port={port}' on {host}, or check the address and that "
+                               "the port is open to this machine.") from None
+
+
 @contextmanager
 def ray_cluster(ray, address: str | None, workers: int):
     """Connected to the cluster at ``address``, or to a local instance started for this run.
@@ -95,6 +117,8 @@ def ray_cluster(ray, address: str | None, workers: int):
     python_path = os.pathsep.join(filter(None, [str(PACK_ROOT), os.environ.get("PYTHONPATH")]))
     runtime_env = {"env_vars": {"PYTHONPATH": python_path}, "worker_process_setup_hook": "devkit.register_pack"}
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
+    if address:
+        require_reachable(address)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -162,10 +186,10 @@ def command_library_train(args) -> None:
             os.environ.setdefault(name, value)  # before Ray is imported: it reads them then
     ray = import_ray()
     library_dir = Path(args.out).expanduser().resolve()
-    library_dir.mkdir(parents=True, exist_ok=True)
     images = plan_images(Path(args.images).expanduser().resolve(), uuid.uuid4().hex)
 
     with ray_cluster(ray, args.ray, args.workers or os.cpu_count() or 1):
+        library_dir.mkdir(parents=True, exist_ok=True)  # once connected: a refused run creates nothing
         gpus = gpus_per_task(ray, args)
         print(run_description(ray, args.ray, gpus))
         setup = WorkerSetup(str(library_dir), args.comfyui, args.checkpoint, args.tiny, gpus == 0,

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 from .. import methods
-from ..methods.sdxl import UNZIPLORA
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
-from .comfyui import PACK_ROOT, find_comfyui, start_comfyui
+from .comfyui import PACK_ROOT
 from . import library as library_command
-from . import sample_image, training_options
-from .runner import CommandLineError, node_definitions, run_prompt
+from . import training_options
+from .runner import CommandLineError, node_definitions
 from .session import Session, existing_lora, image_stem
 
 WORKFLOWS = PACK_ROOT / "workflows"
+UNZIPLORA = methods.by_key("unziplora")
 UNZIP_TINY_STEPS = 12
 """``unzip train --tiny``'s default: enough steps for every column period on the tiny model."""
 NEGATIVE = ""
@@ -72,6 +70,8 @@ FUSIONS = {"b-lora": lambda session, args: _with_blocks(session, args, args.cont
 def command_stylize(args) -> None:
     if not (args.style or args.text):
         raise CommandLineError("stylize needs --style (a style B-LoRA) or --text (a prompt such as 'A [c] made of gold').")
+    if args.fuse == "k-lora" and not args.style:
+        raise CommandLineError("--fuse k-lora needs --style (the style LoRA to fuse with the content LoRA).")
     session = Session(args)
     prompt = args.text or args.prompt or "A [c] in [s] style"
     folder = "blora" if args.fuse == "b-lora" else args.fuse  # B-LoRA's images beside generate's, as before
@@ -119,24 +119,43 @@ def _parse_value(text: str):
         return text
 
 
+CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name"}
+
+
+def use_checkpoint(prompt: dict, checkpoint: str) -> None:
+    """``run --checkpoint``: every checkpoint loader of the workflow loads ``checkpoint``."""
+    loaders = [node for node in prompt.values() if node["class_type"] in CHECKPOINT_LOADERS]
+    if not loaders:
+        raise CommandLineError("--checkpoint: this workflow has no Load Checkpoint node; set its model loader "
+                               "with --set NODE.INPUT=VALUE instead.")
+    for node in loaders:
+        node["inputs"][CHECKPOINT_LOADERS[node["class_type"]]] = checkpoint
+
+
 def command_run(args) -> None:
     """Any workflow (a shipped one by name, or a UI-format file), inputs overridden with --set."""
     from . import workflow_format
 
     path = Path(args.workflow)
     if not path.is_file():
-        path = WORKFLOWS / (args.workflow if args.workflow.endswith(".json") else args.workflow + ".json")
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in WORKFLOWS.glob("*.json")))
-        raise CommandLineError(f"No workflow {args.workflow!r}; shipped ones: {shipped}.")
-    session = Session(args)
-    prompt = workflow_format.ui_to_api(json.loads(path.read_text()), node_definitions(session.nodes))
-    display = session.nodes.NODE_DISPLAY_NAME_MAPPINGS
-    names = {str(n["id"]): {n.get("title"), n["type"], display.get(n["type"])} for n in json.loads(path.read_text())["nodes"]}
-    for assignment in args.set:
+        shipped = workflow_format.shipped(WORKFLOWS)
+        by_title = {p.stem: p for p in shipped.values()}
+        path = shipped.get(args.workflow.removesuffix(".json")) or by_title.get(args.workflow.removesuffix(".json"))
+        if path is None:
+            raise CommandLineError(f"No workflow {args.workflow!r}; shipped ones: {', '.join(sorted(shipped))}.")
+    assignments = []
+    for assignment in args.set:  # checked before ComfyUI starts
         match = re.fullmatch(r"(?P<node>[^.=]+)\.(?P<input>[^=]+)=(?P<value>.*)", assignment)
         if not match:
             raise CommandLineError(f"--set takes NODE.INPUT=VALUE (NODE: an id, title, name or type), got {assignment!r}.")
+        assignments.append((assignment, match))
+    session = Session(args)
+    prompt = workflow_format.ui_to_api(json.loads(path.read_text()), node_definitions(session.nodes))
+    if args.checkpoint:
+        use_checkpoint(prompt, args.checkpoint)
+    display = session.nodes.NODE_DISPLAY_NAME_MAPPINGS
+    names = {str(n["id"]): {n.get("title"), n["type"], display.get(n["type"])} for n in json.loads(path.read_text())["nodes"]}
+    for assignment, match in assignments:
         targets = [i for i in prompt if match["node"] == i or match["node"] in names.get(i, ())]
         if not targets:
             raise CommandLineError(f"--set {assignment!r}: no node with id, title, name or type {match['node']!r}.")
@@ -150,26 +169,28 @@ def command_run(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)  # every command: where ComfyUI and the model are
     common.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, two levels up, ~/ComfyUI)")
     common.add_argument("--checkpoint", help="an SDXL checkpoint in ComfyUI's checkpoints folder")
     common.add_argument("--tiny", action="store_true", help="a tiny random SDXL-architecture model (images are noise)")
     common.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     common.add_argument("--output-dir", help="where images (and, with --tiny, LoRAs) go; $BLORA_OUTPUT_DIR wins")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--memory", choices=MEMORY_SETTINGS, default=MEMORY_SETTINGS[0],
-                        help="training memory: auto (the fastest that fits the free VRAM, 8 GB if that runs out), "
-                             "fastest, or 8 GB "
-                             "(gradient checkpointing, for 1024 px on an 8 GB card)")
-    common.add_argument("--size", type=int, default=1024, help="sample size in pixels")
-    common.add_argument("--sample-steps", type=int, default=30)
-    common.add_argument("--cfg", type=float, default=5.0)
-    common.add_argument("--content-strength", type=float, default=1.0, help="official alpha (squared)")
-    common.add_argument("--style-strength", type=float, default=1.1, help="official alpha (squared)")
+    sampling = argparse.ArgumentParser(add_help=False)  # the commands that sample an image themselves
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--size", type=int, default=1024, help="sample size in pixels")
+    sampling.add_argument("--sample-steps", type=int, default=30)
+    sampling.add_argument("--cfg", type=float, default=5.0)
+    training = argparse.ArgumentParser(add_help=False)  # the commands that train
+    training.add_argument("--memory", choices=MEMORY_SETTINGS, default=MEMORY_SETTINGS[0],
+                          help="training memory: auto (the fastest that fits the free VRAM, 8 GB if that runs out), "
+                               "fastest, or 8 GB (gradient checkpointing, for 1024 px on an 8 GB card)")
+    strengths = argparse.ArgumentParser(add_help=False)  # the commands that apply a content and a style LoRA
+    strengths.add_argument("--content-strength", type=float, default=1.0, help="official alpha (squared)")
+    strengths.add_argument("--style-strength", type=float, default=1.1, help="official alpha (squared)")
     main = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
     commands = main.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", parents=[common], help="an image and a checkpoint to a B-LoRA file")
+    train = commands.add_parser("train", parents=[common, sampling, training], help="an image and a checkpoint to a B-LoRA file")
     train.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
     train.add_argument("--prompt", default="A [v]")
     train.add_argument("--name", help="output name in the loras folder (default b-lora/<image name>)")
@@ -180,7 +201,7 @@ def parser() -> argparse.ArgumentParser:
                        help="replace a finished LoRA of the same name (default: the next free name, NAME_2, ...)")
     train.set_defaults(run=command_train)
 
-    stylize = commands.add_parser("stylize", parents=[common], help="content B-LoRA with a style B-LoRA or a text")
+    stylize = commands.add_parser("stylize", parents=[common, sampling, strengths], help="content B-LoRA with a style B-LoRA or a text")
     stylize.add_argument("--content", required=True, help="content B-LoRA (file in the loras folder)")
     stylize.add_argument("--style", help="style B-LoRA")
     stylize.add_argument("--text", help="a prompt instead of a style, e.g. 'A [c] made of gold'")
@@ -190,12 +211,12 @@ def parser() -> argparse.ArgumentParser:
                          + " (b-lora: strengths squared, as the official B-LoRA; k-lora: its official defaults)")
     stylize.set_defaults(run=command_stylize)
 
-    generate = commands.add_parser("generate", parents=[common], help="a style B-LoRA with a text")
+    generate = commands.add_parser("generate", parents=[common, sampling, strengths], help="a style B-LoRA with a text")
     generate.add_argument("--style", required=True)
     generate.add_argument("--text", required=True, help="e.g. 'A backpack in [s] style'")
     generate.set_defaults(run=command_generate)
 
-    unzip = commands.add_parser("unzip", parents=[common], help="UnZipLoRA: train, or recombine two LoRAs")
+    unzip = commands.add_parser("unzip", parents=[common, sampling, training, strengths], help="UnZipLoRA: train, or recombine two LoRAs")
     unzip.add_argument("action", choices=("train", "recombine"))
     unzip.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
     unzip.add_argument("--prompt", required=True, help="combined prompt (train) or the sampling prompt (recombine)")

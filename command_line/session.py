@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from . import sample_image
-from .comfyui import find_comfyui, start_comfyui
+from .comfyui import find_comfyui, is_comfyui_checkout, start_comfyui
 from .runner import CommandLineError, run_prompt
 
 WRITTEN_UI_KEY = "blora_files"
@@ -26,6 +26,8 @@ class Session:
         path = Path(args.comfyui).expanduser() if args.comfyui else find_comfyui()[0]
         if path is None:
             raise CommandLineError(f"ComfyUI not found ({find_comfyui()[1]}); give --comfyui or set COMFYUI_PATH.")
+        if not is_comfyui_checkout(path):
+            raise CommandLineError(f"--comfyui {path}: no ComfyUI there (no comfy/ and nodes.py); give ComfyUI's folder.")
         self.tiny = args.tiny
         self.nodes = start_comfyui(path, cpu=args.cpu or not torch.cuda.is_available())
         import folder_paths

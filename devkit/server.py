@@ -38,9 +38,11 @@ _processes: dict[str, subprocess.Popen] = {}
 
 
 @contextlib.contextmanager
-def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_packs: tuple[Path, ...] = ()):
+def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_packs: tuple[Path, ...] = (),
+                 frontend_root: Path | None = None):
     """Yields the server's base URL; the server and its folders live under ``workdir``.
-    ``extra_packs``: other custom-node folders to load too (e.g. the IP-Adapter pack). A
+    ``extra_packs``: other custom-node folders to load too (e.g. the IP-Adapter pack);
+    ``frontend_root``: another frontend's static folder to serve (``--front-end-root``). A
     ``workdir`` an earlier server used is used again as it is: a restart finds its files."""
     custom_nodes = workdir / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,8 @@ def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_
          "--use-pytorch-cross-attention", "--disable-api-nodes", "--extra-model-paths-config", str(config),
          "--base-directory", str(workdir), "--database-url", f"sqlite:///{workdir / 'comfyui.db'}",
          "--output-directory", str(workdir / "output"), "--input-directory", str(workdir / "input"),
-         "--user-directory", str(workdir / "user"), "--temp-directory", str(workdir / "temp")],
+         "--user-directory", str(workdir / "user"), "--temp-directory", str(workdir / "temp"),
+         *(["--front-end-root", str(frontend_root)] if frontend_root else [])],
         cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -179,3 +182,9 @@ def ipadapter_pack() -> Path | None:
     """cubiq/ComfyUI_IPAdapter_plus, where $IPADAPTER_PACK_PATH names a copy of it."""
     path = os.environ.get("IPADAPTER_PACK_PATH")
     return Path(path) if path and (Path(path) / "IPAdapterPlus.py").is_file() else None
+
+
+NEWEST_FRONTEND = "1.58.1"
+NEWEST_FRONTEND_ROOT = os.environ.get("BLORA_NEWEST_FRONTEND_ROOT")
+"""The static folder of comfyui-frontend-package 1.58.1, the newest frontend the browser test also
+runs against on the primary host (``.ci/run``: ``pip install --no-deps --target``)."""

@@ -84,3 +84,14 @@ def fixed_seed_control():
 
     fixed = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", None)
     return fixed if fixed is not None else True
+
+
+def schema_discovery(**fields) -> dict:
+    """The V3 schema fields that help users find a node (``search_aliases``, since 0.9;
+    ``essentials_category``), those this host's ``io.Schema`` has: 0.3.64 refuses unknown ones."""
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    known = {f.name for f in dataclasses.fields(io.Schema)}
+    return {name: value for name, value in fields.items() if name in known and value}

@@ -41,14 +41,14 @@ def lora_file_path(lora_name: str) -> str:
     return path
 
 
-def lora_files_problem(*lora_names: str) -> bool | str:
-    """For a node's ``validate_inputs``: True when every name is a file in the loras folder,
-    else the message the node gives (the host's own check would only say "Value not in list")."""
+def require_lora_files(*lora_names: str) -> bool:
+    """For a node's ``validate_inputs``: True when every name is a file in the loras folder, else
+    the node's message is raised. Raised, not returned: the editor's error toast (frontend 1.49+)
+    shows a validation exception's message ("<node> failed during validation: <message>"), while
+    for a returned one it says only that the node rejected the value (the host's own check would
+    only say "Value not in list"); errors while a node runs never reach the toast."""
     for name in lora_names:
-        try:
-            lora_file_path(name)
-        except FileNotFoundError as error:
-            return str(error)
+        lora_file_path(name)
     return True
 
 

@@ -1,12 +1,15 @@
 """HTTP routes for the front end, from the method registry: which nodes train (they get the
 live loss chart) and each recipe's published defaults (rank, learning rate, alpha, steps),
-which the editor fills in when a recipe is chosen."""
+which the editor fills in when a recipe is chosen; and the older host's node for each newer one
+a shipped workflow uses (``workflow_format.OLDER_HOST_NODES``), which the editor puts in its
+place on a host that lacks the newer."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from .. import methods
+from ..command_line.workflow_format import OLDER_HOST_NODES
 
 METHODS_PATH = "/blora/methods"
 
@@ -17,7 +20,8 @@ def methods_for_the_editor() -> dict:
     recipes = {m.recipe.name: {"rank": m.recipe.rank, "learning_rate": m.recipe.learning_rate, "alpha": 0.0,
                                "steps": m.recipe.steps}
                for m in methods.METHODS if m.recipe is not None}
-    return {"training_nodes": methods.training_nodes(), "recipes": recipes}
+    return {"training_nodes": methods.training_nodes(), "recipes": recipes,
+            "older_host_nodes": {new: list(older) for new, older in OLDER_HOST_NODES.items()}}
 
 
 async def get_methods(request):

@@ -92,7 +92,7 @@ function persistWorkflow() {
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
-let methods = { training_nodes: [], recipes: {} };
+let methods = { training_nodes: [], recipes: {}, older_host_nodes: {} };
 async function loadMethods() {
   const response = await api.fetchApi("/blora/methods");
   if (response.ok) methods = await response.json();
@@ -115,10 +115,29 @@ function followRecipe(node) {
   };
 }
 
+// A shipped workflow uses the newest host's node where an older host has another in its place
+// (the server's older_host_nodes: type -> [older type, {input name: older input name}]); on a
+// host without the newer node, put the older one in before the editor builds the graph.
+function forThisHost(graphData) {
+  const registered = globalThis.LiteGraph?.registered_node_types || {};
+  for (const node of graphData?.nodes || []) {
+    const older = methods.older_host_nodes?.[node.type];
+    if (!older || registered[node.type] || !registered[older[0]]) continue;
+    const [type, names] = older;
+    node.type = type;
+    if (node.properties) node.properties["Node name for S&R"] = type;
+    node.inputs = (node.inputs || []).filter((i) => names[i.name]).map((i) => ({ ...i, name: names[i.name],
+      localized_name: names[i.name], label: names[i.name] }));
+  }
+}
+
 app.registerExtension({
   name: "blora.training",
   async init() {
     await loadMethods();
+  },
+  beforeConfigureGraph(graphData) {
+    forThisHost(graphData);
   },
   setup() {
     api.addEventListener(EVENT, ({ detail }) => {

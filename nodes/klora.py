@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..core import flux_lora, klora
 from ..host import flux_lora as host_flux_lora, flux_training, model as host_model, step_patches
 from ..methods.sdxl import K_LORA
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 WRAPPER_KEY = "blora_klora_fuse"
 
@@ -67,6 +67,7 @@ class KLoRAFuse(io.ComfyNode):
             node_id="KLoRAFuse",
             display_name="K-LoRA Fuse",
             category=CATEGORY,
+            **discovery("KLoRAFuse", "klora", "fuse", "merge lora", "content", "style", "subject"),
             description=(
                 "K-LoRA (Ouyang et al., CVPR 2025): fuses a content (subject) LoRA and a style LoRA with no training. "
                 "On every attention projection both files change, each call uses either the content or the style "
@@ -102,8 +103,8 @@ class KLoRAFuse(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, content_lora: str, style_lora: str) -> bool | str:
-        return host_model.lora_files_problem(content_lora, style_lora)
+    def validate_inputs(cls, content_lora: str, style_lora: str) -> bool:
+        return host_model.require_lora_files(content_lora, style_lora)
 
     @classmethod
     def execute(cls, model, content_lora: str, style_lora: str, pattern: str = K_LORA.defaults["pattern"],

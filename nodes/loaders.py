@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..core import blora, flux_blocks, flux_lora
 from ..host import flux_lora as host_flux_lora, flux_training, model as host_model
 from ..methods.sdxl import B_LORA
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 CONTENT_BRANCHES = ("main + residual", "main only")
 """What Load Content LoRA applies of a SplitFlux content file: both branches (the paper's content
@@ -31,6 +31,7 @@ class _BlockLoader(io.ComfyNode):
             node_id=cls.NODE_ID,
             display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
+            **discovery(cls.NODE_ID, "load lora", cls.ROLE, f"{cls.ROLE} lora", "block"),
             description=(
                 f"Applies only the {cls.ROLE} block of a B-LoRA ({block}) to the model. Reads official B-LoRA, "
                 "PEFT, kohya and ComfyUI LoRA files; a full-UNet LoRA works too (only this block is taken). On a "
@@ -68,8 +69,8 @@ class _BlockLoader(io.ComfyNode):
         return []
 
     @classmethod
-    def validate_inputs(cls, lora_name: str) -> bool | str:
-        return host_model.lora_files_problem(lora_name)
+    def validate_inputs(cls, lora_name: str) -> bool:
+        return host_model.require_lora_files(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float,

@@ -14,7 +14,7 @@ from ..methods.sdxl import RECHAR
 from ..core.glyph import CANNY_HIGH, CANNY_LOW, RECHAR_SIZE, canny_edges
 from ..core.windowed_lora import SigmaWindow, WindowedLoRA, sigma_window
 from ..host import model as host_model, step_patches
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 WRAPPER_KEY = "blora_rechar_structure_window"
 
@@ -27,6 +27,12 @@ def _windowed(model, weights, strength: float, start: float, end: float):
     return step_patches.clone_with_step_layers(model, layers, window, WRAPPER_KEY)
 
 
+def check_window(structure_start: float, structure_end: float) -> None:
+    if not 0.0 <= structure_start < structure_end <= 1.0:
+        raise ValueError(f"structure_start ({structure_start}) must be below structure_end ({structure_end}), "
+                         "both between 0 and 1.")
+
+
 class ReCharStructureFuse(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -35,6 +41,7 @@ class ReCharStructureFuse(io.ComfyNode):
             node_id="ReCharStructureFuse",
             display_name="ReChar Structure Fuse",
             category=CATEGORY,
+            **discovery("ReCharStructureFuse", "rechar", "character", "glyph", "font", "text effect", "structure", "canny"),
             description=(
                 f"ReChar: the content block ({RECHAR.block_of_role('structure')}) of the structure B-LoRA (trained on "
                 f"the character or glyph) with the style block ({RECHAR.block_of_role('style')}) of the style B-LoRA; "
@@ -47,8 +54,10 @@ class ReCharStructureFuse(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
                 io.Combo.Input("structure_lora", options=loras, tooltip="B-LoRA trained on the character/glyph."),
                 io.Combo.Input("style_lora", options=loras, tooltip="B-LoRA trained on the style reference."),
-                io.Float.Input("structure_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
-                io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("structure_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scales the structure LoRA's change (1: as trained; 0: off)."),
+                io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scales the style LoRA's change (1: as trained; 0: off)."),
                 io.Image.Input("glyph", optional=True, tooltip="The character image, for the Canny control map."),
                 io.Float.Input("structure_start", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of the schedule where the structure block starts acting."),
@@ -65,17 +74,17 @@ class ReCharStructureFuse(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, structure_lora: str, style_lora: str) -> bool | str:
-        return host_model.lora_files_problem(structure_lora, style_lora)
+    def validate_inputs(cls, structure_lora: str, style_lora: str, structure_start: float = 0.0,
+                        structure_end: float = 1.0) -> bool:
+        check_window(structure_start, structure_end)
+        return host_model.require_lora_files(structure_lora, style_lora)
 
     @classmethod
     def execute(cls, model, structure_lora: str, style_lora: str, structure_strength: float, style_strength: float,
                 glyph=None, structure_start: float = 0.0, structure_end: float = 1.0,
                 strength_mode: str = blora.STRENGTH_MODES[0]) -> io.NodeOutput:
         host_model.require_sdxl(model, "ReChar Structure Fuse")
-        if not 0.0 <= structure_start < structure_end <= 1.0:
-            raise ValueError(f"structure_start ({structure_start}) must be below structure_end ({structure_end}), "
-                             "both between 0 and 1.")
+        check_window(structure_start, structure_end)
         structure = host_model.read_lora(structure_lora).only_block(RECHAR.block_of_role("structure"), "structure (content)")
         style = host_model.read_lora(style_lora).only_block(RECHAR.block_of_role("style"), "style")
         structure_factor = blora.delta_strength(structure_strength, strength_mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from .. import methods
 from ..core import loss_plot
 from ..host import compat, written_files
 from ..host.training_run import TrainingResult
@@ -12,6 +13,19 @@ from ..training import memory as memory_settings
 from ..training.job import TrainingJob
 
 CATEGORY = "B-LoRA"
+PACK_SEARCH_NAMES = ("B-LoRA", "blora", "content style", "style transfer", "lora")
+"""What every node of the pack is found by in the node search (its name, what it is for)."""
+
+
+def discovery(node_id: str, *words: str) -> dict:
+    """The schema fields that make a node found by search, where the host has them: the pack's
+    names, its methods' titles (the registry's), and ``words`` a user would type for this node.
+    No ``essentials_category``: for a custom node it moves the node out of the node library's
+    Extensions section and the search's Custom filter, and 0.33's Essentials tab lists a fixed
+    set of core nodes only (frontend 1.49.6 ``essentialsNodes.ts``), so the node would be harder
+    to find."""
+    titles = [m.title for m in methods.METHODS if node_id in m.nodes]
+    return compat.schema_discovery(search_aliases=list(dict.fromkeys([*PACK_SEARCH_NAMES, *titles, *words])))
 
 
 def memory_input() -> io.Combo.Input:

@@ -13,7 +13,7 @@ from ..methods.sdxl import B_LORA, STYLE_LORA
 from ..training import memory as memory_settings
 from ..training.job import lora_job, trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import TrainingNode, resume_input, seed_input, training_output, training_schema
+from .schema import TrainingNode, discovery, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "BLoRATrain"
 RECIPES = methods.trained_by(NODE_ID)
@@ -27,6 +27,7 @@ class TrainBLoRA(TrainingNode):
     def define_schema(cls) -> io.Schema:
         return training_schema(
             NODE_ID, "Train B-LoRA",
+            **discovery(NODE_ID, "train", "training", "fine-tune", "content", "style", "style lora"),
             description=(
                 f"Fine-tunes LoRA on SDXL's two B-LoRA blocks (content {B_LORA.block_of_role('content')}, style "
                 f"{B_LORA.block_of_role('style')}) to "

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..core import column_masks
 from ..host import model as host_model, unzip_recombine
-from .schema import CATEGORY
+from .schema import CATEGORY, discovery
 
 NO_MERGER = "none"
 
@@ -29,6 +29,7 @@ class UnZipColumnMaskMerge(io.ComfyNode):
             node_id="UnZipColumnMaskMerge",
             display_name="UnZip Column Mask Merge",
             category=CATEGORY,
+            **discovery("UnZipColumnMaskMerge", "unziplora", "unzip", "merge", "recombine", "content", "style"),
             description=(
                 "Recombines a content LoRA and a style LoRA (UnZipLoRA): on every layer, W0 + s_c diag(m_c) B_c A_c + "
                 "s_s diag(m_s) B_s A_s, where m are per-output-feature merger weights. Reads the official "
@@ -43,8 +44,10 @@ class UnZipColumnMaskMerge(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SDXL model; a patched clone comes out."),
                 io.Combo.Input("content_lora", options=loras, tooltip="The content LoRA (e.g. <name>_content)."),
                 io.Combo.Input("style_lora", options=loras, tooltip="The style LoRA, from the same or another image."),
-                io.Float.Input("content_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
-                io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("content_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scales the content LoRA's change (1: as trained; 0: off)."),
+                io.Float.Input("style_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scales the style LoRA's change (1: as trained; 0: off)."),
                 io.Combo.Input("content_merger", options=[NO_MERGER] + loras, default=NO_MERGER,
                                tooltip="The content LoRA's merger (official *_merger_content.pth). 'none': the one "
                                        "inside a pack-trained file, else 1 everywhere."),

@@ -14,7 +14,7 @@ from ..methods.sdxl import UNZIPLORA
 from ..training import memory as memory_settings, unziplora
 from ..training.job import trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import TrainingNode, resume_input, seed_input, training_output, training_schema
+from .schema import TrainingNode, discovery, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "UnZipLoRATrain"
 PAPER = UNZIPLORA.recipe
@@ -35,6 +35,7 @@ class TrainUnZipLoRA(TrainingNode):
     def define_schema(cls) -> io.Schema:
         return training_schema(
             NODE_ID, "Train UnZipLoRA",
+            **discovery(NODE_ID, "unziplora", "unzip", "train", "training", "content", "style"),
             description=(
                 "Trains a content LoRA and a style LoRA from one image at once (UnZipLoRA), kept apart by prompts "
                 "(each LoRA sees its own prompt in cross-attention), column masks with learned mergers, and block "
@@ -64,7 +65,8 @@ class TrainUnZipLoRA(TrainingNode):
                 seed_input(),
                 io.String.Input("lora_name", default="unziplora/my_image",
                                 tooltip="Output name in the loras folder; _content and _style files are written."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default=DEFAULT_PRECISION),
+                io.Combo.Input("precision", options=list(PRECISIONS), default=DEFAULT_PRECISION,
+                               tooltip="fp16 with a gradient scaler (the paper's), bf16, or fp32. On a CPU fp16 runs as fp32."),
                 io.Int.Input("checkpoint_every", default=PAPER.checkpoint_every, min=0, max=100000, optional=True,
                              tooltip="Save a resumable checkpoint every N steps (0: only on Cancel or error)."),
                 resume_input(),
@@ -90,8 +92,8 @@ class TrainUnZipLoRA(TrainingNode):
             ],
             model_tooltip="The model with both LoRAs merged (mergers applied).",
             file_outputs=[
-                io.String.Output(display_name="content_lora"),
-                io.String.Output(display_name="style_lora"),
+                io.String.Output(display_name="content_lora", tooltip="The saved content LoRA, relative to the loras folder."),
+                io.String.Output(display_name="style_lora", tooltip="The saved style LoRA, relative to the loras folder."),
             ],
         )
 

@@ -49,28 +49,43 @@ ComfyUI 0.33 (1.49.6) offers it. 0.3.64's frontend (1.27.10) has only an experim
 it, in which this pack's chart does not show (README, "Front end"): not tested there."""
 RENDERERS = {"litegraph": False, **({"nodes_2": True} if FRONTEND >= NODES_2_FRONTEND else {})}
 """The editor's default canvas renderer, and Nodes 2.0 where the frontend offers it."""
+FRONTENDS = {"host": None, **({server_harness.NEWEST_FRONTEND: "newest"} if FRONTEND >= NODES_2_FRONTEND else {})}
+"""The host's own frontend and, on the primary host (whose frontend is 1.49 or newer), the newest
+frontend package (served with --front-end-root), each in every renderer."""
+CASES = [(frontend, renderer) for frontend in FRONTENDS
+         for renderer in (RENDERERS if frontend == "host" else ("litegraph", "nodes_2"))]
 
 
-@pytest.fixture(scope="module", params=list(RENDERERS))
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{r}" for f, r in CASES])
 def browser_page(host, tmp_path_factory, request):
+    frontend, renderer = request.param
     if browser_harness.CHROMIUM is None:
         pytest.skip("BROWSER TEST SKIPPED: no chromium on PATH (apt-get install chromium; .ci/run does)")
     pytest.importorskip("playwright.sync_api", reason="BROWSER TEST SKIPPED: pip install playwright")
+    root = None
+    if frontend != "host":
+        root = server_harness.NEWEST_FRONTEND_ROOT
+        if not root or not Path(root, "index.html").is_file():
+            pytest.skip(f"BROWSER TEST OF FRONTEND {frontend} SKIPPED: BLORA_NEWEST_FRONTEND_ROOT names no static "
+                        f"folder of comfyui-frontend-package=={frontend} (.ci/run installs one)")
     workdir = tmp_path_factory.mktemp("browser")
-    with server_harness.comfy_server(COMFYUI_PATH, workdir) as url:
+    with server_harness.comfy_server(COMFYUI_PATH, workdir, frontend_root=Path(root) if root else None) as url:
         pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(workdir / "input" / "my_image.png")
         with browser_harness.editor(url) as (page, problems):
-            if RENDERERS[request.param]:
+            if frontend != "host":
+                served = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || ''")
+                assert served == frontend, f"the page runs frontend {served!r}"
+            if renderer == "nodes_2":
                 offered = page.evaluate("() => window.app.extensionManager.setting.get('Comfy.VueNodes.Enabled') !== undefined")
                 assert offered, "this frontend has no Vue node renderer setting"
                 page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
-            yield page, url, server_harness.get_json(url, "/object_info"), problems, request.param
+            yield page, url, server_harness.get_json(url, "/object_info"), problems, f"{frontend}_{renderer}"
 
 
 def test_live_loss_chart_fills_during_training(browser_page):
     page, url, object_info, problems, renderer = browser_page
-    workflow = swap_loaders_ui(json.loads((ROOT / "workflows" / "b-lora_train.json").read_text()), object_info)
+    workflow = swap_loaders_ui(json.loads(workflow_format.shipped(ROOT / "workflows")["b-lora_train"].read_text()), object_info)
     browser_harness.load_workflow(page, workflow)
     train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "BLoRATrain")
     assert page.evaluate("(id) => document.body.contains(window.app.graph.getNodeById(id).bloraChart)", train_id)
@@ -112,4 +127,22 @@ def test_recipe_choice_fills_in_its_defaults(browser_page):
         return {rank: get("rank"), learning_rate: get("learning_rate")};
     }""")
     assert values == {"rank": 8, "learning_rate": 1e-5}
+    assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]
+
+
+def test_templates_show_the_packs_titles_and_pictures(browser_page):
+    """The template browser lists the pack's workflows under its folder, by title, each with its
+    picture (fetched from the pack's workflows/ folder)."""
+    page, _, _, problems, _ = browser_page
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    title = "B-LoRA - train on one image"
+    picture = f"/workflow_templates/{server_harness.PACK_FOLDER_NAME}/{title}.jpg"
+    from urllib.parse import unquote
+
+    with page.expect_response(lambda r: unquote(r.url).endswith(picture), timeout=60_000) as fetched:
+        page.get_by_text(server_harness.PACK_FOLDER_NAME, exact=True).first.click(timeout=60_000)
+    assert fetched.value.status == 200 and fetched.value.headers["content-type"] == "image/jpeg"
+    page.get_by_text(title, exact=True).first.wait_for(timeout=30_000)
+    for _ in range(3):
+        page.keyboard.press("Escape")
     assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]

@@ -70,3 +70,29 @@ def test_unzip_train_and_recombine(cli):
 def test_clear_errors(cli, arguments, message):
     run, _, _ = cli
     assert message in run(*arguments, expect=2).stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["run", "no_such_workflow", "--tiny"], "shipped ones: b-lora_consistent_style"),
+    (["run", "b-lora_train", "--tiny", "--set", "steps"], "--set takes NODE.INPUT=VALUE"),
+    (["stylize", "--tiny", "--content", "b-lora/x"], "stylize needs --style"),
+    (["run", "b-lora_train", "--tiny"], "no ComfyUI there"),  # the check itself: here --comfyui is first wrong
+    (["stylize", "--tiny", "--content", "b-lora/x", "--text", "t", "--fuse", "k-lora"], "--fuse k-lora needs --style"),
+])
+def test_arguments_are_checked_before_comfyui_starts(cli, arguments, message):
+    """Each refusal comes before ComfyUI is imported (which takes 20-30 s on a busy machine): with
+    no ComfyUI at --comfyui, the refusal is still about the arguments."""
+    run, _, _ = cli
+    result = run(*arguments, "--comfyui", "/no/such/comfyui", expect=2)
+    assert message in result.stderr
+
+
+def test_each_commands_help_lists_only_the_options_it_uses(cli):
+    run, _, _ = cli
+    shown = {command: run(command, "--help").stdout for command in ("train", "stylize", "generate", "unzip", "run")}
+    for option in ("--seed", "--memory", "--cfg", "--size", "--content-strength"):
+        assert option not in shown["run"], f"run --help lists {option}, which run ignores"
+    assert "--memory" in shown["train"] and "--memory" in shown["unzip"]
+    assert "--memory" not in shown["stylize"] and "--memory" not in shown["generate"]
+    assert "--style-strength" not in shown["train"] and "--style-strength" in shown["stylize"]
+    assert all("--checkpoint" in text for text in shown.values())

@@ -43,3 +43,42 @@ def test_diffusers_twin_gives_the_same_output(tiny_sdxl):
         reference = tiny_models.diffusers_unet_output(unet, *inputs)
     assert ours.abs().mean() > 0.1
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_starting_comfyui_as_a_library_reports_no_failure_that_is_not_one(host, tmp_path):
+    """0.33's node replacements need a server and fail when ComfyUI starts as a library (the
+    command line, the tests): that report, with its advice to reinstall, is dropped; any other
+    failed file is still reported, with the advice."""
+    import logging
+    import subprocess
+    import sys
+
+    from blora_pack.command_line import comfyui
+    from devkit import PACK_ROOT
+    from devkit.host import COMFYUI_PATH
+
+    script = ("import devkit\nfrom blora_pack.command_line.comfyui import start_comfyui\n"
+              f"start_comfyui(__import__('pathlib').Path({str(COMFYUI_PATH)!r}))\nprint('started')\n")
+    started = subprocess.run([sys.executable, "-c", script], cwd=PACK_ROOT, capture_output=True, text=True, timeout=300)
+    assert "started" in started.stdout, started.stderr
+    assert "IMPORT FAILED" not in started.stderr + started.stdout and "pip install" not in started.stderr
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        for failed in (["nodes_replacements.py"], ["nodes_replacements.py", "nodes_other.py"]):
+            records.clear()
+            with comfyui._without_server_only_failures():
+                for name in failed:
+                    logging.warning(f"IMPORT FAILED: {name}")
+                logging.warning("Please do a: pip install -r requirements.txt")
+            shown = [r.getMessage() for r in records]
+            if failed == ["nodes_replacements.py"]:
+                assert shown == []
+            else:
+                assert "IMPORT FAILED: nodes_other.py" in shown and "Please do a: pip install -r requirements.txt" in shown
+    finally:
+        root.removeHandler(handler)

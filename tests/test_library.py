@@ -272,3 +272,17 @@ def test_a_file_the_worker_cannot_write_fails_its_image_with_the_packs_message(t
     assert record["status"] == library.FAILED
     assert record["error"] == (f"Could not save {thumbnail}: a folder has the name '{entry}.png'. Rename or remove "
                                f"that folder, or choose another name. (log: {library.LOGS}/{entry}.log)")
+
+
+def test_an_unreachable_cluster_is_refused_quickly_and_creates_nothing(needs_ray_and_host, images, tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    started = time.monotonic()
+    result = run("train", "--tiny", "--ray", address, "--images", str(images), "--out", str(tmp_path / "library"),
+                 expect=2)
+    assert time.monotonic() - started < 90, "Ray's own retries take minutes"
+    assert f"--ray {address}: nothing answers there" in result.stderr and "ray start --head" in result.stderr
+    assert not (tmp_path / "library").exists()

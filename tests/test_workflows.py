@@ -25,9 +25,9 @@ from devkit.host import COMFYUI_PATH
 from blora_pack.command_line.tiny import swap_loaders_for_tiny
 from blora_pack.command_line import workflow_format
 
-ALL_WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
-WORKFLOWS = [w for w in ALL_WORKFLOWS if not w.stem.endswith("_ipadapter")]
-IPADAPTER_WORKFLOWS = [w for w in ALL_WORKFLOWS if w.stem.endswith("_ipadapter")]
+SHIPPED = workflow_format.shipped(Path(__file__).resolve().parents[1] / "workflows")
+WORKFLOWS = [w for key, w in SHIPPED.items() if not key.endswith("_ipadapter")]
+IPADAPTER_WORKFLOWS = [w for key, w in SHIPPED.items() if key.endswith("_ipadapter")]
 IPADAPTER_PACK = server_harness.ipadapter_pack()
 INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "style_2.png", "content_photo.png",
                 "glyph.png")
@@ -60,12 +60,11 @@ def runnable(prompt: dict) -> dict:
 
 
 def test_workflows_are_shipped():
-    assert {w.name for w in IPADAPTER_WORKFLOWS} == {"rechar_character_ipadapter.json",
-                                                     "lora_style_transfer_sdedit_ipadapter.json"}
-    assert {w.name for w in WORKFLOWS} >= {
-        "b-lora_train.json", "b-lora_style_transfer.json", "b-lora_text_stylization.json",
-        "b-lora_consistent_style.json", "unziplora_train_and_recombine.json", "lora_style_transfer_sdedit.json",
-        "rechar_character.json"}
+    assert set(SHIPPED) == {"rechar_character_ipadapter", "lora_style_transfer_sdedit_ipadapter", "b-lora_train",
+                            "b-lora_style_transfer", "b-lora_text_stylization", "b-lora_consistent_style",
+                            "unziplora_train_and_recombine", "lora_style_transfer_sdedit", "rechar_character",
+                            "k-lora_fuse"}
+    assert len(list(next(iter(SHIPPED.values())).parent.glob("*.json"))) == len(SHIPPED), "a workflow with no key"
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
@@ -82,7 +81,7 @@ def test_workflow_runs_headless(server, workflow):
 
 def test_a_wrong_widget_count_or_unknown_node_is_caught(server):
     url, object_info = server
-    workflow = json.loads(next(w for w in WORKFLOWS if w.name == "b-lora_train.json").read_text())
+    workflow = json.loads(SHIPPED["b-lora_train"].read_text())
     scale = next(n for n in workflow["nodes"] if n["type"] == "ImageScaleToTotalPixels")
     scale["widgets_values"] = scale["widgets_values"] + [8]  # a core node saved by a newer host: ignored, as the editor does
     assert workflow_format.ui_to_api(workflow, object_info)[str(scale["id"])]["inputs"]["upscale_method"] == "lanczos"
@@ -118,5 +117,19 @@ def test_ipadapter_variants_fit_that_packs_node_definitions(server, workflow):
     prompt = workflow_format.ui_to_api(json.loads(workflow.read_text()), object_info)
     types = {node["class_type"] for node in prompt.values()}
     assert {"IPAdapterAdvanced", "IPAdapterModelLoader", "CLIPVisionLoader"} <= types
-    core = json.loads((workflow.parent / workflow.name.replace("_ipadapter", "")).read_text())
+    core = workflow_format.for_host(json.loads(SHIPPED[json.loads(workflow.read_text())["extra"]["blora"]["key"]
+                                                .removesuffix("_ipadapter")].read_text()), object_info)
     assert {n["type"] for n in core["nodes"]} - {"Note"} <= types, "the variant keeps the core workflow's nodes"
+
+
+def test_run_with_checkpoint_loads_that_checkpoint(server):
+    """``cli.py run WORKFLOW --checkpoint X``: the workflow's own checkpoint name is replaced."""
+    from blora_pack.command_line import main
+
+    _, object_info = server
+    prompt = workflow_format.ui_to_api(json.loads(SHIPPED["rechar_character"].read_text()), object_info)
+    main.use_checkpoint(prompt, "my_sdxl.safetensors")
+    loaders = [n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders and all(n["inputs"]["ckpt_name"] == "my_sdxl.safetensors" for n in loaders)
+    with pytest.raises(main.CommandLineError, match="no Load Checkpoint"):
+        main.use_checkpoint({"1": {"class_type": "KSampler", "inputs": {}}}, "x.safetensors")

@@ -11,12 +11,34 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from devkit import PACK_ROOT as ROOT
-from blora_pack.command_line.workflow_format import Node, Note, build_ui
+from blora_pack import methods
+from blora_pack.command_line.workflow_format import OLDER_HOST_NODES, Node, Note, build_ui
 
+B_LORA, STYLE_LORA, UNZIPLORA, K_LORA, RECHAR = (methods.by_key(k) for k in ("b-lora", "style", "unziplora", "k-lora",
+                                                                             "rechar"))
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
+MODELS = {  # what each model file a workflow loads is, where ComfyUI keeps it, where to download it
+    CHECKPOINT: ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                                "sd_xl_base_1.0.safetensors"),
+    "controlnet-canny-sdxl-1.0.safetensors": ("controlnet", "https://huggingface.co/diffusers/controlnet-canny-sdxl-1.0/"
+                                                            "resolve/main/diffusion_pytorch_model.safetensors"),
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": ("clip_vision", "https://huggingface.co/h94/IP-Adapter/resolve/main/"
+                                                                   "models/image_encoder/model.safetensors"),
+    "ip-adapter_sdxl_vit-h.safetensors": ("ipadapter", "https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/"
+                                                       "ip-adapter_sdxl_vit-h.safetensors"),
+    "ip_plus_composition_sdxl.safetensors": ("ipadapter", "https://huggingface.co/ostris/ip-composition-adapter/resolve/"
+                                                          "main/ip_plus_composition_sdxl.safetensors"),
+}
+PACK_ID = "blora-content-style"
+"""The pack's Comfy Registry id (pyproject.toml's project name): ``cnr_id`` on its nodes."""
+IPADAPTER_PACK_ID = "comfyui_ipadapter_plus"
+"""cubiq/ComfyUI_IPAdapter_plus's Comfy Registry id."""
+IPADAPTER_NODES = {"IPAdapterAdvanced", "IPAdapterModelLoader"}
 SAMPLER = {"seed": 0, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
 COLUMN = 380
 
@@ -62,8 +84,9 @@ def empty_latent(node_id: int, pos) -> Node:
 def b_lora_train():
     nodes = [checkpoint(1, at(0, 0)), *image_latent(2, "my_image.png", 1, 0, 1.5),
              text(5, "A [v]", 1, at(1, 0), "Prompt: A [v]"), text(6, "", 1, at(1, 2), "Negative (empty)"),
-             Node(7, "BLoRATrain", {"model": (1, 0), "latents": (4, 0), "positive": (5, 0), "learning_rate": 5e-5,
-                                    "rank": 64, "lora_name": "b-lora/my_image"},
+             Node(7, "BLoRATrain", {"model": (1, 0), "latents": (4, 0), "positive": (5, 0),
+                                    "learning_rate": B_LORA.recipe.learning_rate, "rank": B_LORA.recipe.rank,
+                                    "lora_name": "b-lora/my_image"},
                   at(2, 0)),
              empty_latent(8, at(2, 6.2)),
              *sample(9, (7, 0), (5, 0), (6, 0), (8, 0), (1, 2), "b-lora/reconstruction", 3, 0),
@@ -161,7 +184,8 @@ def k_lora_fuse():
                       "fused with no training.\n\nPick the two files: any SDXL LoRAs trained on the same layers "
                       "(B-LoRAs from Train B-LoRA, LoRAs on all attention layers, kohya or diffusers LoRAs). On every "
                       "attention projection both change, each step uses one of them, chosen by how strongly each "
-                      "changes the layer against a weight S that moves over sampling (pattern s*, alpha 1.5: the "
+                      f"changes the layer against a weight S that moves over sampling (pattern {K_LORA.defaults['pattern']}, "
+                      f"alpha {K_LORA.defaults['alpha']:g}: the "
                       "official defaults: style in the first steps, then content, style growing towards the end). In the prompt, replace [c] "
                       "and [s] with each LoRA's training token. 50 steps, as the official script.", at(0, -2.2),
                   (760, 200))]
@@ -172,16 +196,17 @@ def lora_style_transfer_sdedit():
     nodes = [checkpoint(1, at(0, 0)),
              Node(2, "LoadImage", {"image": "style_1.png"}, at(1, 0)),
              Node(3, "LoadImage", {"image": "style_2.png"}, at(1, 3)),
-             Node(4, "ImageBatch", {"image1": (2, 0), "image2": (3, 0)}, at(1, 6)),
+             Node(4, "BatchImagesNode", {"images.image0": (2, 0), "images.image1": (3, 0)}, at(1, 6)),
              Node(5, "ImageScaleToTotalPixels", {"image": (4, 0), "upscale_method": "lanczos", "megapixels": 1.0},
                   at(1, 7.5)),
              Node(6, "VAEEncode", {"pixels": (5, 0), "vae": (1, 2)}, at(1, 9)),
              text(7, "A Monet painting, water lilies", 1, at(2, 0), "Caption of style_1"),
              text(8, "A Monet painting, a bridge over a pond", 1, at(2, 2), "Caption of style_2"),
              Node(9, "ConditioningCombine", {"conditioning_1": (7, 0), "conditioning_2": (8, 0)}, at(2, 4)),
-             Node(10, "BLoRATrain", {"model": (1, 0), "latents": (6, 0), "positive": (9, 0), "steps": 1000,
-                                     "learning_rate": 1e-5, "rank": 8, "lora_name": "style/monet",
-                                     "recipe": "all attention layers (style LoRA)", "prompt": "A Monet painting, ..."},
+             Node(10, "BLoRATrain", {"model": (1, 0), "latents": (6, 0), "positive": (9, 0),
+                                     "steps": STYLE_LORA.recipe.steps, "learning_rate": STYLE_LORA.recipe.learning_rate,
+                                     "rank": STYLE_LORA.recipe.rank, "lora_name": "style/monet",
+                                     "recipe": STYLE_LORA.recipe.name, "prompt": "A Monet painting, ..."},
                   at(3, 0)),
              Node(11, "LoadImage", {"image": "content_photo.png"}, at(3, 6)),
              Node(12, "ImageScaleToTotalPixels", {"image": (11, 0), "upscale_method": "lanczos", "megapixels": 1.0},
@@ -191,8 +216,9 @@ def lora_style_transfer_sdedit():
              *sample(16, (10, 0), (14, 0), (15, 0), (13, 0), (1, 2), "style/transfer", 5, 0, denoise=0.5)]
     notes = [Note(30, "LoRA style transfer (Diffusion-LoRA-Style-Transfer on SDXL).\n\n1. A style LoRA on all attention "
                       "layers from several style images, each with its caption starting with the same identifier "
-                      "('A Monet painting, ...'); rank 8, alpha 16 (the recipe's), learning rate 1e-5. Add images with "
-                      "more Image Batch / Conditioning Combine pairs, captions in the same order as the images.\n"
+                      f"('A Monet painting, ...'); rank {STYLE_LORA.recipe.rank}, alpha {STYLE_LORA.recipe.alpha:g} (the "
+                      f"recipe's), learning rate {STYLE_LORA.recipe.learning_rate:g}. Add images with "
+                      "more Batch Images inputs / Conditioning Combine nodes, captions in the same order as the images.\n"
                       "2. SDEdit: the content photo is noised part-way and denoised with the LoRA (KSampler denoise "
                       "0.5). Higher denoise: more style, less of the photo.\n\nThe original also conditions on the "
                       "photo with an IP-Adapter to keep its details; see the _ipadapter variant.", at(0, -2.6), (900, 240))]
@@ -227,7 +253,8 @@ def rechar_character():
                           f"rechar/{title}", 5, row, seed=seed, steps=50, cfg=5.0 if title != "fused" else 7.5)]
     notes = [Note(90, "ReChar with core nodes: a character keeps its structure, takes a reference's style, and gets "
                       "decoration from text.\n\nTrain two B-LoRAs first (b-lora_train): one on the glyph ('A [v3]'), "
-                      "one on the style reference ('A [v101]'). The glyph's Canny edges (ReChar's 100/200 at 1024 px, "
+                      f"one on the style reference ('A [v101]'). The glyph's Canny edges (ReChar's {RECHAR.defaults['canny_low']}/"
+                      f"{RECHAR.defaults['canny_high']} at {RECHAR.defaults['glyph_size']} px, "
                       "from ReChar Structure Fuse) drive the SDXL canny ControlNet in every pass (strength 0.5).\n"
                       "Top: structure pass (content block of the glyph B-LoRA). Middle: style pass (style block of the "
                       "style B-LoRA). Bottom: the fusion: both blocks (ReChar Structure Fuse) with the decoration prompt. "
@@ -258,7 +285,8 @@ def rechar_character_ipadapter():
     nodes += [Node(60, "CLIPVisionLoader", {"clip_name": CLIP_VISION_VIT_H}, at(6, 13)),
               Node(61, "IPAdapterModelLoader", {"ipadapter_file": IPADAPTER_COMPOSITION}, at(6, 15)),
               Node(62, "IPAdapterModelLoader", {"ipadapter_file": IPADAPTER_SDXL_VIT_H}, at(6, 16.5)),
-              Node(63, "Canny", {"image": (23, 0), "low_threshold": 100 / 255, "high_threshold": 200 / 255}, at(7, 0)),
+              Node(63, "Canny", {"image": (23, 0), "low_threshold": RECHAR.defaults["canny_low"] / 255,
+                                 "high_threshold": RECHAR.defaults["canny_high"] / 255}, at(7, 0)),
               Node(64, "ImageToMask", {"image": (63, 0), "channel": "red"}, at(7, 2)),
               ip_adapter(65, (4, 0), 61, (23, 0), 1.5, at(7, 4), "Composition IP-Adapter: structure image",
                          attn_mask=(64, 0), clip_vision=(60, 0)),
@@ -284,40 +312,106 @@ def lora_style_transfer_sdedit_ipadapter():
     return nodes, notes
 
 
-WORKFLOWS = {
-    "b-lora_train.json": b_lora_train,
-    "b-lora_style_transfer.json": lambda: b_lora_apply("style_transfer"),
-    "b-lora_text_stylization.json": lambda: b_lora_apply("text_stylization"),
-    "b-lora_consistent_style.json": lambda: b_lora_apply("consistent_style"),
-    "unziplora_train_and_recombine.json": unziplora_train_and_recombine,
-    "k-lora_fuse.json": k_lora_fuse,
-    "lora_style_transfer_sdedit.json": lora_style_transfer_sdedit,
-    "rechar_character.json": rechar_character,
-}
-IPADAPTER_WORKFLOWS = {
-    "rechar_character_ipadapter.json": rechar_character_ipadapter,
-    "lora_style_transfer_sdedit_ipadapter.json": lora_style_transfer_sdedit_ipadapter,
-}
+@dataclass(frozen=True)
+class Shipped:
+    """A shipped workflow. The template browser shows its file name as the title (``title``:
+    the method's registry title and what the workflow does), the picture ``<title>.jpg`` beside
+    it; ``key`` is its short name on the command line (``cli.py run KEY``)."""
+
+    key: str
+    method: methods.Method
+    subject: str
+    description: str
+    describe: Callable[[], tuple[list[Node], list[Note]]]
+    ipadapter: bool = False
+
+    @property
+    def title(self) -> str:
+        return f"{self.method.title} - {self.subject}"
+
+
+SHIPPED = (
+    Shipped("b-lora_train", B_LORA, "train on one image", "Train a B-LoRA on one image: its content and style blocks, "
+            "a sample of the reconstruction and the loss curve.", b_lora_train),
+    Shipped("b-lora_style_transfer", B_LORA, "style transfer", "The content of image A in the style of image B, from "
+            "their two B-LoRAs.", lambda: b_lora_apply("style_transfer")),
+    Shipped("b-lora_text_stylization", B_LORA, "text stylization", "The content of a B-LoRA restyled by the prompt "
+            "(e.g. made of gold).", lambda: b_lora_apply("text_stylization")),
+    Shipped("b-lora_consistent_style", B_LORA, "consistent style", "New subjects in the style of a B-LoRA.",
+            lambda: b_lora_apply("consistent_style")),
+    Shipped("unziplora_train_and_recombine", UNZIPLORA, "train and recombine", "Content and style LoRAs trained "
+            "jointly from each of two images, then A's content with B's style.", unziplora_train_and_recombine),
+    Shipped("k-lora_fuse", K_LORA, "fuse two LoRAs", "Any content LoRA with any style LoRA, fused per layer and step "
+            "with no training.", k_lora_fuse),
+    Shipped("lora_style_transfer_sdedit", STYLE_LORA, "SDEdit", "A style LoRA from captioned images, applied to a "
+            "photo by partial denoising.", lora_style_transfer_sdedit),
+    Shipped("rechar_character", RECHAR, "stylized character", "A character's structure, a reference's style and a "
+            "decoration prompt, guided by the glyph's Canny edges.", rechar_character),
+    Shipped("rechar_character_ipadapter", RECHAR, "stylized character (IP-Adapter)", "ReChar's own final pass: the "
+            "fusion plus two IP-Adapters (needs ComfyUI_IPAdapter_plus).", rechar_character_ipadapter, True),
+    Shipped("lora_style_transfer_sdedit_ipadapter", STYLE_LORA, "SDEdit (IP-Adapter)", "SDEdit keeping the photo's "
+            "details with an IP-Adapter (needs ComfyUI_IPAdapter_plus).", lora_style_transfer_sdedit_ipadapter, True),
+)
+
+
+def pack_nodes() -> set[str]:
+    return {node_id for method in methods.METHODS for node_id in method.nodes}
+
+
+def node_properties(node: Node, versions: dict[str, str]) -> dict:
+    """Its pack's registry id and version (the manager installs a missing pack by it) and, for
+    a loader, its model's name, download URL and models folder (the editor's missing-models list)."""
+    pack = PACK_ID if node.type in pack_nodes() else IPADAPTER_PACK_ID if node.type in IPADAPTER_NODES else "comfy-core"
+    properties = {"cnr_id": pack, **({"ver": versions[pack]} if pack in versions else {})}
+    models = [{"name": value, "url": MODELS[value][1], "directory": MODELS[value][0]}
+              for value in node.inputs.values() if isinstance(value, str) and value in MODELS]
+    return {**properties, **({"models": models} if models else {})}
+
+
+def build(shipped: Shipped, object_info: dict, versions: dict[str, str]) -> dict:
+    nodes, notes = shipped.describe()
+    notes[0].text = f"{shipped.title}\n{shipped.description}\n\n{notes[0].text}"
+    for node in nodes:
+        node.properties.update(node_properties(node, versions))
+        if node.type not in object_info and node.type in OLDER_HOST_NODES:  # built on an older host
+            node.type, names = OLDER_HOST_NODES[node.type]
+            node.inputs = {names[name]: value for name, value in node.inputs.items()}
+    return build_ui(nodes, notes, object_info, extra={"blora": {"key": shipped.key, "description": shipped.description}})
+
+
+def thumbnail(shipped: Shipped, workflow: dict, object_info: dict):
+    from tools import workflow_thumbnails
+
+    display = {node_type: info["display_name"] for node_type, info in object_info.items()}
+    return workflow_thumbnails.draw(workflow, shipped.title, shipped.description, pack_nodes(), display)
 
 
 def main() -> None:
+    import tomllib
+
     from devkit import host, server as server_harness
 
     if host.COMFYUI_PATH is None:
         sys.exit(host.NO_HOST_REASON)
     ipadapter = server_harness.ipadapter_pack()
-    workflows = dict(WORKFLOWS)
-    if ipadapter:
-        workflows.update(IPADAPTER_WORKFLOWS)
-    else:
+    shipped = [s for s in SHIPPED if ipadapter or not s.ipadapter]
+    if not ipadapter:
         print("IPADAPTER_PACK_PATH names no copy of ComfyUI_IPAdapter_plus: the _ipadapter variants are not rebuilt")
     with server_harness.comfy_server(host.COMFYUI_PATH, Path(tempfile.mkdtemp()),
                                      extra_packs=(ipadapter,) if ipadapter else ()) as url:
         object_info = server_harness.get_json(url, "/object_info")
-    for name, describe in workflows.items():
-        nodes, notes = describe()
-        (ROOT / "workflows" / name).write_text(json.dumps(build_ui(nodes, notes, object_info), indent=1) + "\n")
-        print("wrote", name)
+        core_version = server_harness.get_json(url, "/system_stats")["system"]["comfyui_version"]
+    versions = {PACK_ID: tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"],
+                "comfy-core": core_version}
+    folder = ROOT / "workflows"
+    for old in folder.glob("*"):
+        if old.suffix in (".json", ".jpg") and (ipadapter or "IP-Adapter" not in old.stem):
+            old.unlink()
+    for item in shipped:
+        workflow = build(item, object_info, versions)
+        (folder / f"{item.title}.json").write_text(json.dumps(workflow, indent=1) + "\n")
+        thumbnail(item, workflow, object_info).save(folder / f"{item.title}.jpg", quality=85)
+        print("wrote", item.title)
 
 
 if __name__ == "__main__":
