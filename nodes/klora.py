@@ -67,7 +67,7 @@ class KLoRAFuse(io.ComfyNode):
             node_id="KLoRAFuse",
             display_name="K-LoRA Fuse",
             category=CATEGORY,
-            **discovery("KLoRAFuse", "klora", "fuse", "merge lora", "content", "style", "subject"),
+            **discovery("KLoRAFuse", "klora", "fuse", "merge lora", "content", "style", "subject", "flux"),
             description=(
                 "K-LoRA (Ouyang et al., CVPR 2025): fuses a content (subject) LoRA and a style LoRA with no training. "
                 "On every attention projection both files change, each call uses either the content or the style "

@@ -31,7 +31,7 @@ class _BlockLoader(io.ComfyNode):
             node_id=cls.NODE_ID,
             display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
-            **discovery(cls.NODE_ID, "load lora", cls.ROLE, f"{cls.ROLE} lora", "block"),
+            **discovery(cls.NODE_ID, "load lora", cls.ROLE, f"{cls.ROLE} lora", "block", "flux"),
             description=(
                 f"Applies only the {cls.ROLE} block of a B-LoRA ({block}) to the model. Reads official B-LoRA, "
                 "PEFT, kohya and ComfyUI LoRA files; a full-UNet LoRA works too (only this block is taken). On a "

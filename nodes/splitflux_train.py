@@ -13,7 +13,7 @@ from ..host import flux_lora, flux_training, training_run
 from ..methods.flux import SPLITFLUX
 from ..training import memory as memory_settings, splitflux
 from ..training.trainer import PRECISIONS
-from .schema import TrainingNode, resume_input, seed_input, training_output, training_schema
+from .schema import TrainingNode, discovery, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "SplitFluxTrain"
 PAPER = SPLITFLUX.recipe
@@ -28,6 +28,7 @@ class TrainSplitFlux(TrainingNode):
     def define_schema(cls) -> io.Schema:
         return training_schema(
             NODE_ID, LABEL,
+            **discovery(NODE_ID, "splitflux", "flux", "flux.1", "train", "training", "content", "style"),
             description=(
                 "Trains SplitFlux on FLUX.1 from one image: a visual-gated content LoRA (main + residual branch) on "
                 "single blocks 0-9, rank-constrained adaptation on 10-11 and a style LoRA on 12-37, which see the "

@@ -49,6 +49,10 @@ def test_every_help_page_names_its_paper_every_input_with_its_default_and_where_
     unzip = (node_docs.DOCS / "UnZipLoRATrain.md").read_text()
     row = next(r for r in unzip.splitlines() if r.startswith("| `content_learning_rate`"))
     assert methods.by_key("unziplora").recipe.sources["learning_rate"] in row
+    splitflux = (node_docs.DOCS / "SplitFluxTrain.md").read_text()
+    for input_id, key in (("learning_rate", "learning_rate"), ("prompt", "content_prompt")):
+        row = next(r for r in splitflux.splitlines() if r.startswith(f"| `{input_id}`"))
+        assert methods.by_key("splitflux").recipe.sources[key] in row
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)

@@ -30,7 +30,8 @@ DOCS = ROOT / "js" / "docs"
 LANGUAGES = ("zh", "ja")
 """Translated beside English (ComfyUI's locale codes: Simplified Chinese, Japanese)."""
 
-SOURCE_ALIASES = {"content_learning_rate": ("learning_rate",), "beta": ("beta_s*", "beta_s")}
+SOURCE_ALIASES = {"content_learning_rate": ("learning_rate",), "beta": ("beta_s*", "beta_s"),
+                  "prompt": ("content_prompt",)}
 """Inputs named other than the registry's numbers they default to."""
 
 ERRORS = {
@@ -54,10 +55,41 @@ ERRORS = {
                                                             "VAE and CLIP."),
         ("Out of GPU memory", "Set memory to 8 GB; UnZipLoRA trains two LoRAs and needs more memory than B-LoRA."),
     ],
+    "SplitFluxTrain": [
+        ("Train SplitFlux needs a FLUX.1 model; the MODEL input is ...",
+         "Load FLUX.1 dev or schnell with Load Diffusion Model (fp8 weights work) or an all-in-one checkpoint. "
+         "For SDXL use Train B-LoRA or Train UnZipLoRA."),
+        ("The latents input holds no image / has N channels but this model works on M",
+         "Encode your image with VAE Encode and the FLUX VAE (ae.safetensors), 16 latent channels."),
+        ("The latent is W x H; FLUX patches 2 x 2 latent pixels",
+         "Use an image whose sides are multiples of 16 pixels (crop or resize it before VAE Encode)."),
+        ("The positive (content) / style conditioning is empty or is not FLUX's",
+         "Encode both prompts with CLIP Text Encode fed by DualCLIPLoader type flux (clip_l + t5xxl)."),
+        ("N latent image(s) but M conditionings", "Give one content prompt for all images or one per image, in order."),
+        ("The style prompt has N text tokens but the content prompt M",
+         "Prompt replacement needs prompts of the same token length: write the style prompt like the content "
+         "prompt ('A <s> style' beside 'A <c> object'), or turn prompt_replacement off."),
+        ("The mask covers N image tokens but the image has M",
+         "Connect a mask of the trained image (any size: it is resized onto the tokens), or leave mask empty."),
+        ("Training needs this model loaded without dynamic VRAM",
+         "Load the model with Load Diffusion Model, or start ComfyUI with --disable-dynamic-vram."),
+        ("A file cannot be saved (disk full, read-only folder, name too long, a name outside the loras folder)",
+         "The message names the cause: free space, choose another lora_name, or fix the folder's permissions. "
+         "Two files are written: <name>_content and <name>_style."),
+        ("The checkpoint is at step N but steps is M", "Set steps to N or more to finish that run, or turn resume off."),
+        ("Out of GPU memory",
+         "Set memory to 8 GB (about 12.6 GiB at 1024 px with fp8 weights), load FLUX.1 with weight_dtype "
+         "fp8_e4m3fn, or train at a smaller size; with a checkpoint saved, run again with resume on."),
+    ],
     "BLoRALoadContentLoRA": [
         ("The file is not a LoRA / a LoHa, LoKr or DoRA file / is incomplete",
          "Pick a LoRA file (B-LoRA, kohya or diffusers); the message names the file and what it holds."),
-        ("A layer's shape does not fit the model", "The LoRA was trained for another model: use an SDXL LoRA."),
+        ("A layer's shape does not fit the model",
+         "The LoRA was trained for another model: use an SDXL LoRA on SDXL, a FLUX.1 LoRA on FLUX.1."),
+        ("On FLUX: strength_mode 'official' is B-LoRA's (SDXL)", "Use strength_mode 'comfyui' on a FLUX.1 model."),
+        ("On FLUX: FLUX LoRAs are read from .safetensors files", "Pick a .safetensors LoRA file."),
+        ("On FLUX: the file is not a SplitFlux content file, so it has no main branch",
+         "content_branches 'main only' needs a file written by Train SplitFlux: use 'main + residual' for others."),
     ],
     "UnZipColumnMaskMerge": [
         ("The content/style conditioning must be one prompt", "Connect one CLIP Text Encode to each prompt input, "
@@ -66,12 +98,14 @@ ERRORS = {
     ],
     "KLoRAFuse": [
         ("The two LoRAs share no layer", "Pick a content LoRA and a style LoRA trained on the same layers."),
+        ("The model is neither SDXL nor FLUX.1", "K-LoRA Fuse works on SDXL and FLUX.1 models with LoRAs for them."),
+        ("On FLUX: FLUX LoRAs are read from .safetensors files", "Pick .safetensors LoRA files."),
     ],
     "ReCharStructureFuse": [
         ("structure_start must be below structure_end", "Set structure_start lower than structure_end."),
     ],
 }
-ERRORS["BLoRALoadStyleLoRA"] = ERRORS["BLoRALoadContentLoRA"]
+ERRORS["BLoRALoadStyleLoRA"] = ERRORS["BLoRALoadContentLoRA"][:-1]  # content_branches is Load Content LoRA's
 COMMON_ERROR = ("Every error message says what was wrong and what to do: in ComfyUI 0.33's editor it is in the "
                 "error toast; the full report is under View details.")
 
