@@ -34,6 +34,7 @@ from blora_pack.training import checkpoint
 from blora_pack.training.job import OutputFiles
 from blora_pack.training.trainer import TrainConfig, TrainingState
 from devkit import PACK_ROOT
+from file_systems import private_file_system
 
 NAME_MAX = 255
 
@@ -197,19 +198,6 @@ def test_every_folder_of_a_runs_files_is_checked(tmp_path):
     with pytest.raises(files.OutputNotWritableError, match=f"Cannot write files in {loras}: the disk holding {loras} is "
                                                            "full: .* free, .* needed"):
         files.check_can_write_files({**sizes, loras / "cat.safetensors": shutil.disk_usage(tmp_path).free})
-
-
-def private_file_system(options: str, mount_point) -> tuple[str, ...]:
-    """A command prefix that runs the rest in a private mount namespace with a tmpfs mounted at
-    ``mount_point`` (e.g. ``size=256k`` or ``ro``); gone with the process."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) to mount a small or read-only file system for one process")
-    probe = subprocess.run(["unshare", "--map-root-user", "--mount", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"this system refuses a private mount namespace (unshare: {probe.stderr.strip()})")
-    mount_point.mkdir()
-    return ("unshare", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && '
-            'exec "$@"', "sh", options, str(mount_point))
 
 
 def outcome(code: str, wrapper: tuple[str, ...]) -> dict:

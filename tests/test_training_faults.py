@@ -15,8 +15,10 @@ silently wrong.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from devkit import host as host_harness
 from devkit import tiny_models
+import file_systems
 
 TRAIN, UNZIP_TRAIN = "BLoRATrain", "UnZipLoRATrain"
 NEVER = 10**9
@@ -185,6 +188,57 @@ def test_a_save_that_fails_after_training_says_which_file_and_why(host, loaded_s
     assert str(failed.value).startswith(f"Could not save {loras_dir / 'b-lora' / 'cat.safetensors'}: permission "
                                         "denied: this process may not create files there."), str(failed.value)
     assert not [p for p in (loras_dir / "b-lora").iterdir()], "nothing half-written is left"
+
+
+@pytest.mark.parametrize("subfolder", ["missing", "there"])
+def test_a_read_only_file_system_as_the_loras_folder_stops_the_node_before_step_1(host, loaded_sdxl, loras_dir,
+                                                                                  monkeypatch, subfolder):
+    """A real read-only file system (a tmpfs remounted ``ro``) as the loras folder, with or
+    without the run's subfolder on it: the operating system's EROFS, not a patched refusal."""
+    files = host.pack("core.files")
+    no_step_may_run(host, monkeypatch)
+    with file_systems.mounted_tmpfs(loras_dir):
+        if subfolder == "there":
+            (loras_dir / "b-lora").mkdir()
+        file_systems.read_only(loras_dir)
+        with pytest.raises(files.OutputNotWritableError) as refused:
+            train(host, loaded_sdxl)
+    assert refused.value.errno == errno.EROFS
+    assert str(refused.value) == (f"Cannot write files in {loras_dir / 'b-lora'}: the folder is on a read-only file "
+                                  "system. Choose a folder on a writable disk, or make the disk writable (remount it "
+                                  "read-write).")
+
+
+def test_a_disk_that_fills_during_training_fails_the_save_naming_the_file_and_keeps_the_earlier_lora(
+        host, loaded_sdxl, loras_dir, monkeypatch):
+    """A 3 MB tmpfs as the loras folder: the check before step 1 passes, then something else
+    fills the disk during the training (from the host's progress hook, after step 1), and the
+    final save of a LoRA replacing an earlier one does not fit."""
+    import comfy.utils
+
+    files = host.pack("core.files")
+    lora = loras_dir / "b-lora" / "cat.safetensors"
+    with file_systems.mounted_tmpfs(loras_dir, "3m"):
+        train(host, loaded_sdxl, steps=2)
+        earlier = lora.read_bytes()
+        filled = []
+
+        def fill_the_disk(value, total, preview_image, prompt_id=None, node_id=None):
+            if value == 1:
+                filled.append(file_systems.fill(loras_dir, leave=len(earlier) // 2))
+
+        monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", fill_the_disk)
+        with pytest.raises(files.OutputNotWritableError) as failed:
+            train(host, loaded_sdxl, steps=2, learning_rate=2e-3, overwrite=True)
+        assert filled, "the disk filled after the check before step 1"
+        message = str(failed.value)
+        assert failed.value.errno == errno.ENOSPC
+        assert re.fullmatch(rf"Could not save {re.escape(str(lora))}: the disk holding {re.escape(str(lora.parent))} "
+                            r"is full: \d+ kB free, this file needs [\d.]+ [kM]B\. Free some space there, or choose a "
+                            r"folder on another disk\.", message), message
+        assert not re.search(r"os error|Errno|SafetensorError|No space left", message), "never the raw library text"
+        assert lora.read_bytes() == earlier, "the earlier LoRA of the same name survives"
+        assert sorted(path.name for path in lora.parent.iterdir()) == ["cat.safetensors"], "no temporary file is left"
 
 
 # C. Resume accepts only the run it continues
