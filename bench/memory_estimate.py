@@ -56,14 +56,12 @@ class MetaAutocast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def flash_like_attention(q, k, v, heads, mask=None, **_):
+def _fused_attention(q, k, v, out: torch.Tensor, batch: int, heads: int, tokens: int):
     """What CUDA's fused SDPA keeps for backward: q, k, v, output, log-sum-exp per head and row."""
-    batch, tokens, _ = q.shape
 
     class FusedAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out = torch.empty_like(q)
             ctx.save_for_backward(q, k, v, out, q.new_empty((batch, heads, tokens), dtype=torch.float32))
             return out
 
@@ -73,6 +71,12 @@ def flash_like_attention(q, k, v, heads, mask=None, **_):
             return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     return FusedAttention.apply(q, k, v)
+
+
+def flash_like_attention(q, k, v, heads, mask=None, **_):
+    """SDXL's call (q, k, v as (B, tokens, heads * dim)), output shaped like q."""
+    batch, tokens, _ = q.shape
+    return _fused_attention(q, k, v, torch.empty_like(q), batch, heads, tokens)
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -246,20 +250,7 @@ def estimate(host, setup, method_key: str, setting: str) -> dict:
 def flux_attention(q, k, v, heads, mask=None, skip_reshape=False, **_):
     """FLUX's call (q, k, v as (B, heads, tokens, dim)): what fused SDPA keeps, output (B, tokens, heads * dim)."""
     batch, _, tokens, dim = q.shape
-
-    class FusedAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out = q.new_empty((batch, tokens, heads * dim))
-            ctx.save_for_backward(q, k, v, out, q.new_empty((batch, heads, tokens), dtype=torch.float32))
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v = ctx.saved_tensors[:3]
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    return FusedAttention.apply(q, k, v)
+    return _fused_attention(q, k, v, q.new_empty((batch, tokens, heads * dim)), batch, heads, tokens)
 
 
 FLUX_TEXT_TOKENS = 512

@@ -18,6 +18,7 @@ import re
 from typing import NamedTuple
 
 from ..methods.flux import SPLITFLUX
+from . import kohya_names
 
 DOUBLE_BLOCKS = 19
 SINGLE_BLOCKS = 38
@@ -193,28 +194,9 @@ _FLAT_PREFIXES = ("lora_transformer_", "lora_unet_", "lycoris_")
 
 
 def unflatten_kohya_name(flat: str) -> str:
-    """``single_blocks_3_linear1`` -> ``single_blocks.3.linear1`` (either naming).
-
-    Splits on "_" and greedily rejoins the longest known module word at each position; raises
-    KeyError when a piece is not part of any FLUX module name.
-    """
-    pieces = flat.split("_")
-    words: list[str] = []
-    position = 0
-    while position < len(pieces):
-        if pieces[position].isdigit():
-            words.append(pieces[position])
-            position += 1
-            continue
-        for word in _MODULE_WORDS:
-            length = word.count("_") + 1
-            if "_".join(pieces[position:position + length]) == word:
-                words.append(word)
-                position += length
-                break
-        else:
-            raise KeyError(flat)
-    return ".".join(words)
+    """``single_blocks_3_linear1`` -> ``single_blocks.3.linear1`` (either naming); KeyError when a
+    piece is not part of any FLUX module name."""
+    return kohya_names.unflatten(flat, _MODULE_WORDS)
 
 
 def _rows(part: str | None, hidden_size: int, mlp_ratio: float) -> slice | None:

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from . import flux_blocks
+from . import flux_blocks, lora_format
 from .lora_format import LoraFormatError
 
 FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".lora_A.default.weight",
@@ -146,10 +146,4 @@ def piece_target(name: str, hidden_size: int = flux_blocks.FLUX1_HIDDEN_SIZE,
 
 def pieces_state_dict(weights) -> dict[str, torch.Tensor]:
     """Pieces back to a state dict ComfyUI's FLUX key map reads (their names, lora_A / lora_B, alpha)."""
-    state = {}
-    for name, layer in weights.layers.items():
-        state[f"{name}.lora_A.weight"] = layer.down
-        state[f"{name}.lora_B.weight"] = layer.up
-        if layer.alpha is not None:
-            state[f"{name}.alpha"] = torch.tensor(float(layer.alpha))
-    return state
+    return lora_format.named_state_dict(weights, lambda name: name, down="lora_A.weight", up="lora_B.weight")

@@ -235,15 +235,23 @@ def read_lora_file(path: str | Path) -> LoraWeights:
     return read_lora_state_dict(state_dict, metadata, source)
 
 
-def to_comfy_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
-    """ComfyUI's own naming, which its stock loader maps with no conversion."""
+def named_state_dict(weights: LoraWeights, prefix_of, down: str = "lora_down.weight",
+                     up: str = "lora_up.weight") -> dict[str, torch.Tensor]:
+    """``<prefix>.<up>``, ``<prefix>.<down>`` (and ``<prefix>.alpha`` where the layer has one) per
+    layer, ``prefix_of(path)`` naming it: what every naming that stores factors as they are shares."""
     state_dict = {}
     for path, layer in weights.layers.items():
-        state_dict[f"diffusion_model.{path}.lora_up.weight"] = layer.up
-        state_dict[f"diffusion_model.{path}.lora_down.weight"] = layer.down
+        prefix = prefix_of(path)
+        state_dict[f"{prefix}.{up}"] = layer.up
+        state_dict[f"{prefix}.{down}"] = layer.down
         if layer.alpha is not None:
-            state_dict[f"diffusion_model.{path}.alpha"] = torch.tensor(float(layer.alpha))
+            state_dict[f"{prefix}.alpha"] = torch.tensor(float(layer.alpha))
     return state_dict
+
+
+def to_comfy_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """ComfyUI's own naming, which its stock loader maps with no conversion."""
+    return named_state_dict(weights, lambda path: f"diffusion_model.{path}")
 
 
 def to_kohya_state_dict(weights: LoraWeights) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from . import kohya_names
+
 LEVELS = 3
 RES_BLOCKS_PER_LEVEL = 2
 LEVELS_WITH_ATTENTION = (1, 2)
@@ -124,28 +126,9 @@ def diffusers_to_ldm(module_path: str) -> str:
 
 
 def unflatten_kohya_name(flat: str) -> str:
-    """``output_blocks_0_1_transformer_blocks_0_attn1_to_q`` -> dotted path (either naming).
-
-    Splits on "_" and greedily rejoins the longest known module word at each position, so the
-    result is unique; raises KeyError when a piece is not part of any SDXL module name.
-    """
-    pieces = flat.split("_")
-    words: list[str] = []
-    position = 0
-    while position < len(pieces):
-        if pieces[position].isdigit():
-            words.append(pieces[position])
-            position += 1
-            continue
-        for word in _MODULE_WORDS:
-            length = word.count("_") + 1
-            if "_".join(pieces[position:position + length]) == word:
-                words.append(word)
-                position += length
-                break
-        else:
-            raise KeyError(flat)
-    return ".".join(words)
+    """``output_blocks_0_1_transformer_blocks_0_attn1_to_q`` -> dotted path (either naming); KeyError
+    when a piece is not part of any SDXL module name."""
+    return kohya_names.unflatten(flat, _MODULE_WORDS)
 
 
 def to_ldm_path(module_path: str) -> str:
