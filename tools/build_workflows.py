@@ -15,6 +15,7 @@ from pathlib import Path
 
 from devkit import PACK_ROOT as ROOT
 from blora_pack.command_line.workflow_format import Node, Note, build_ui
+from tools.flux_workflows import FLUX_WORKFLOWS
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SAMPLER = {"seed": 0, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
@@ -314,7 +315,7 @@ def main() -> None:
     with server_harness.comfy_server(host.COMFYUI_PATH, Path(tempfile.mkdtemp()),
                                      extra_packs=(ipadapter,) if ipadapter else ()) as url:
         object_info = server_harness.get_json(url, "/object_info")
-    for name, describe in workflows.items():
+    for name, describe in {**workflows, **FLUX_WORKFLOWS}.items():
         nodes, notes = describe()
         (ROOT / "workflows" / name).write_text(json.dumps(build_ui(nodes, notes, object_info), indent=1) + "\n")
         print("wrote", name)
