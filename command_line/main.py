@@ -18,7 +18,7 @@ from .. import methods
 from ..training.memory import SETTINGS as MEMORY_SETTINGS
 from .comfyui import PACK_ROOT
 from . import library as library_command
-from . import training_options
+from . import flux_graph, training_options
 from .runner import CommandLineError, node_definitions
 from .session import Session, existing_lora, image_stem
 
@@ -30,27 +30,59 @@ NEGATIVE = ""
 
 
 def command_train(args) -> None:
-    recipe = training_options.RECIPES[args.recipe].recipe
+    method = training_options.TRAIN_RECIPES[args.recipe]
+    if method.nodes[0] == "SplitFluxTrain":
+        return command_train_splitflux(args, method)
+    if flux_graph.wants_flux(args):
+        raise CommandLineError(f"--recipe {args.recipe} trains SDXL; on FLUX.1 use --recipe "
+                               f"{', '.join(training_options.FLUX_RECIPES)}.")
+    recipe = method.recipe
     session = Session(args)
     steps = training_options.steps_for(args.steps, args.tiny, recipe)
     name = args.name or f"b-lora/{image_stem(args.image)}"
-    session.graph.node("BLoRATrain", model=session.checkpoint.out(0), latents=session.image_latent(args.image),
-                       positive=session.text(args.prompt), steps=steps, learning_rate=args.learning_rate or 0.0,
+    prompt = args.prompt or training_options.B_LORA_PROMPT
+    session.graph.node("BLoRATrain", model=session.model, latents=session.image_latent(args.image),
+                       positive=session.text(prompt), steps=steps, learning_rate=args.learning_rate or 0.0,
                        rank=args.rank or 0, seed=args.seed, lora_name=name, precision=args.precision,
-                       recipe=recipe.name, prompt=args.prompt, export_diffusers=args.export_diffusers,
+                       recipe=recipe.name, prompt=prompt, export_diffusers=args.export_diffusers,
                        memory=args.memory, overwrite=args.overwrite)
     session.run()
 
 
+def command_train_splitflux(args, method) -> None:
+    """Train SplitFlux on FLUX.1: content and style files from one image."""
+    for option, given in (("--rank", args.rank), ("--export-diffusers", args.export_diffusers)):
+        if given:
+            raise CommandLineError(f"{option} is not an option of {method.title} (its ranks are the paper's).")
+    recipe = method.recipe
+    session = Session(args, flux=True)
+    prompt = args.prompt or recipe.settings["content_prompt"]
+    style_prompt = args.style_prompt or recipe.settings["style_prompt"]
+    session.graph.node("SplitFluxTrain", model=session.model, latents=session.image_latent(args.image),
+                       positive=session.text(prompt), style_positive=session.text(style_prompt),
+                       steps=training_options.steps_for(args.steps, args.tiny, recipe),
+                       learning_rate=args.learning_rate or recipe.learning_rate, seed=args.seed,
+                       lora_name=args.name or f"splitflux/{image_stem(args.image)}", precision=args.precision,
+                       prompt=prompt, memory=args.memory, overwrite=args.overwrite)
+    session.run()
+
+
 def _with_blocks(session, args, content: str | None, style: str | None):
-    model = session.checkpoint.out(0)
-    mode = "official B-LoRA (squared)"
+    """B-LoRA's blocks (strengths squared, as the official B-LoRA); on FLUX.1 SplitFlux's: the
+    content file's main branch only (re-contextualisation) and the style blocks, strengths linear."""
+    model = session.model
+    if session.flux:
+        mode, branches, strengths = "comfyui (linear)", {"content_branches": "main only"}, (1.0, 1.0)
+    else:
+        mode, branches, strengths = "official B-LoRA (squared)", {}, (1.0, 1.1)
+    content_strength, style_strength = (_given(args.content_strength, strengths[0]),
+                                        _given(args.style_strength, strengths[1]))
     if content:
         model = session.graph.node("BLoRALoadContentLoRA", model=model, lora_name=existing_lora(content),
-                                   strength=args.content_strength, strength_mode=mode).out(0)
+                                   strength=content_strength, strength_mode=mode, **branches).out(0)
     if style:
         model = session.graph.node("BLoRALoadStyleLoRA", model=model, lora_name=existing_lora(style),
-                                   strength=args.style_strength, strength_mode=mode).out(0)
+                                   strength=style_strength, strength_mode=mode).out(0)
     return model
 
 
@@ -58,7 +90,7 @@ def _fused_k_lora(session, args):
     """Content and style LoRA files fused by K-LoRA Fuse (official defaults, strengths linear)."""
     if not args.style:
         raise CommandLineError("--fuse k-lora needs --style (the style LoRA to fuse with the content LoRA).")
-    return session.graph.node("KLoRAFuse", model=session.checkpoint.out(0), content_lora=existing_lora(args.content),
+    return session.graph.node("KLoRAFuse", model=session.model, content_lora=existing_lora(args.content),
                               style_lora=existing_lora(args.style)).out(0)
 
 
@@ -72,15 +104,17 @@ def command_stylize(args) -> None:
         raise CommandLineError("stylize needs --style (a style B-LoRA) or --text (a prompt such as 'A [c] made of gold').")
     if args.fuse == "k-lora" and not args.style:
         raise CommandLineError("--fuse k-lora needs --style (the style LoRA to fuse with the content LoRA).")
-    session = Session(args)
-    prompt = args.text or args.prompt or "A [c] in [s] style"
+    session = Session(args, flux_graph.wants_flux(args))
+    prompt = args.text or args.prompt or ("A <c> object in <s> style" if session.flux else "A [c] in [s] style")
     folder = "blora" if args.fuse == "b-lora" else args.fuse  # B-LoRA's images beside generate's, as before
+    if session.flux and args.fuse == "b-lora":
+        folder = "splitflux"
     session.sample(FUSIONS[args.fuse](session, args), prompt, f"{folder}/stylize", args)
     session.run()
 
 
 def command_generate(args) -> None:
-    session = Session(args)
+    session = Session(args, flux_graph.wants_flux(args))
     session.sample(_with_blocks(session, args, None, args.style), args.text, "blora/generate", args)
     session.run()
 
@@ -106,10 +140,15 @@ def command_unzip(args) -> None:
                    (("content", args.content_prompt), ("style", args.style_prompt)) if text}
         merged = session.graph.node("UnZipColumnMaskMerge", model=session.checkpoint.out(0),
                                     content_lora=existing_lora(args.content), style_lora=existing_lora(args.style),
-                                    content_strength=args.content_strength, style_strength=args.style_strength,
+                                    content_strength=_given(args.content_strength, 1.0),
+                                    style_strength=_given(args.style_strength, 1.1),
                                     content_merger=args.content_merger, style_merger=args.style_merger, **prompts)
         session.sample(merged.out(0), args.prompt, "unziplora/recombined", args)
     session.run()
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def _parse_value(text: str):
@@ -149,12 +188,14 @@ def command_run(args) -> None:
         if not match:
             raise CommandLineError(f"--set takes NODE.INPUT=VALUE (NODE: an id, title, name or type), got {assignment!r}.")
         assignments.append((assignment, match))
-    session = Session(args)
-    prompt = workflow_format.ui_to_api(json.loads(path.read_text()), node_definitions(session.nodes))
+    workflow = json.loads(path.read_text())
+    flux = flux_graph.wants_flux(args) or any(n["type"] == "UNETLoader" for n in workflow["nodes"])
+    session = Session(args, flux)
+    prompt = workflow_format.ui_to_api(workflow, node_definitions(session.nodes))
     if args.checkpoint:
         use_checkpoint(prompt, args.checkpoint)
     display = session.nodes.NODE_DISPLAY_NAME_MAPPINGS
-    names = {str(n["id"]): {n.get("title"), n["type"], display.get(n["type"])} for n in json.loads(path.read_text())["nodes"]}
+    names = {str(n["id"]): {n.get("title"), n["type"], display.get(n["type"])} for n in workflow["nodes"]}
     for assignment, match in assignments:
         targets = [i for i in prompt if match["node"] == i or match["node"] in names.get(i, ())]
         if not targets:
@@ -162,8 +203,10 @@ def command_run(args) -> None:
         for target in targets:
             prompt[target]["inputs"][match["input"]] = _parse_value(match["value"])
     if args.tiny:
-        from .tiny import swap_loaders_for_tiny
-
+        if flux:
+            from devkit.tiny_flux import swap_flux_loaders_for_tiny as swap_loaders_for_tiny
+        else:
+            from .tiny import swap_loaders_for_tiny
         swap_loaders_for_tiny(prompt)
     session.run(prompt)
 
@@ -172,29 +215,41 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # every command: where ComfyUI and the model are
     common.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, two levels up, ~/ComfyUI)")
     common.add_argument("--checkpoint", help="an SDXL checkpoint in ComfyUI's checkpoints folder")
-    common.add_argument("--tiny", action="store_true", help="a tiny random SDXL-architecture model (images are noise)")
+    common.add_argument("--tiny", action="store_true",
+                        help="a tiny random SDXL-architecture model, or FLUX.1 with --flux (images are noise)")
+    common.add_argument("--flux", action="store_true",
+                        help="FLUX.1 instead of SDXL (implied by --unet and by train --recipe splitflux)")
+    common.add_argument("--unet", help=f"a FLUX.1 diffusion model in diffusion_models (default {flux_graph.DEFAULT_FILES['unet']})")
+    common.add_argument("--clip-l", help=f"FLUX.1's CLIP-L in text_encoders (default {flux_graph.DEFAULT_FILES['clip_l']})")
+    common.add_argument("--t5", help=f"FLUX.1's T5-XXL in text_encoders (default {flux_graph.DEFAULT_FILES['t5']})")
+    common.add_argument("--vae", help=f"FLUX.1's VAE in vae (default {flux_graph.DEFAULT_FILES['vae']})")
     common.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     common.add_argument("--output-dir", help="where images (and, with --tiny, LoRAs) go; $BLORA_OUTPUT_DIR wins")
     sampling = argparse.ArgumentParser(add_help=False)  # the commands that sample an image themselves
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--size", type=int, default=1024, help="sample size in pixels")
     sampling.add_argument("--sample-steps", type=int, default=30)
-    sampling.add_argument("--cfg", type=float, default=5.0)
+    sampling.add_argument("--cfg", type=float, default=5.0, help="SDXL (FLUX.1 runs at 1, with FluxGuidance 3.5)")
     training = argparse.ArgumentParser(add_help=False)  # the commands that train
     training.add_argument("--memory", choices=MEMORY_SETTINGS, default=MEMORY_SETTINGS[0],
                           help="training memory: auto (the fastest that fits the free VRAM, 8 GB if that runs out), "
                                "fastest, or 8 GB (gradient checkpointing, for 1024 px on an 8 GB card)")
     strengths = argparse.ArgumentParser(add_help=False)  # the commands that apply a content and a style LoRA
-    strengths.add_argument("--content-strength", type=float, default=1.0, help="official alpha (squared)")
-    strengths.add_argument("--style-strength", type=float, default=1.1, help="official alpha (squared)")
+    strengths.add_argument("--content-strength", type=float,
+                           help="SDXL: official alpha (squared), default 1.0; FLUX.1: linear, default 1.0")
+    strengths.add_argument("--style-strength", type=float,
+                           help="SDXL: official alpha (squared), default 1.1; FLUX.1: linear, default 1.0")
     main = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
     commands = main.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", parents=[common, sampling, training], help="an image and a checkpoint to a B-LoRA file")
     train.add_argument("--image", help="the picture to train on (with --tiny, default: a sample drawn in code)")
-    train.add_argument("--prompt", default="A [v]")
+    train.add_argument("--prompt", help=f"default {training_options.B_LORA_PROMPT!r}; splitflux: its content prompt "
+                                        f"({training_options.FLUX_RECIPES['splitflux'].recipe.settings['content_prompt']!r})")
+    train.add_argument("--style-prompt", help="splitflux: the style prompt (default: the recipe's "
+                                              f"{training_options.FLUX_RECIPES['splitflux'].recipe.settings['style_prompt']!r})")
     train.add_argument("--name", help="output name in the loras folder (default b-lora/<image name>)")
-    training_options.add_recipe_arguments(train)
+    training_options.add_recipe_arguments(train, training_options.TRAIN_RECIPES)
     training_options.add_precision_argument(train)
     train.add_argument("--export-diffusers", action="store_true", help="also write the official diffusers format")
     train.add_argument("--overwrite", action="store_true",

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import sample_image
+from . import flux_graph, sample_image
 from .comfyui import find_comfyui, is_comfyui_checkout, start_comfyui
 from .runner import CommandLineError, run_prompt
 
@@ -20,7 +20,8 @@ NEGATIVE = ""
 class Session:
     """ComfyUI started for one command, with the graph pieces every command uses."""
 
-    def __init__(self, args):
+    def __init__(self, args, flux: bool = False):
+        """``flux``: FLUX.1 (``flux_graph``) instead of an SDXL checkpoint."""
         import torch
 
         path = Path(args.comfyui).expanduser() if args.comfyui else find_comfyui()[0]
@@ -29,6 +30,7 @@ class Session:
         if not is_comfyui_checkout(path):
             raise CommandLineError(f"--comfyui {path}: no ComfyUI there (no comfy/ and nodes.py); give ComfyUI's folder.")
         self.tiny = args.tiny
+        self.flux = flux
         self.nodes = start_comfyui(path, cpu=args.cpu or not torch.cuda.is_available())
         import folder_paths
         from comfy_execution.graph_utils import GraphBuilder
@@ -42,14 +44,20 @@ class Session:
         if self.tiny:
             from .tiny import TINY_NODES
 
-            self.nodes.NODE_CLASS_MAPPINGS.update(TINY_NODES)
+            self.nodes.NODE_CLASS_MAPPINGS.update(flux_graph.tiny_nodes() if flux else TINY_NODES)
             folder_paths.set_input_directory(folder_paths.get_output_directory())  # the image inbox too
             loras = Path(folder_paths.get_output_directory()) / "loras"
             loras.mkdir(parents=True, exist_ok=True)
             folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-            print("--tiny: a tiny SDXL-architecture model with random weights; its images are noise. "
+            family = "FLUX.1" if flux else "SDXL"
+            print(f"--tiny: a tiny {family}-architecture model with random weights; its images are noise. "
                   f"Files go to {folder_paths.get_output_directory()}.")
-        self.checkpoint = self.load_checkpoint(args.checkpoint)
+        if flux:
+            self.checkpoint = None
+            self.model, self.clip, self.vae = flux_graph.load(self.graph, args, self.tiny)
+        else:
+            self.checkpoint = self.load_checkpoint(args.checkpoint)
+            self.model, self.clip, self.vae = (self.checkpoint.out(i) for i in range(3))
 
     def load_checkpoint(self, name: str | None):
         if self.tiny:
@@ -61,9 +69,11 @@ class Session:
         return self.graph.node("CheckpointLoaderSimple", ckpt_name=name)
 
     def text(self, prompt: str):
+        if self.flux:
+            return flux_graph.text(self.graph, prompt, self.clip)
         if self.tiny:
             return self.graph.node("TinyTextEncode", text=prompt).out(0)
-        return self.graph.node("CLIPTextEncode", text=prompt, clip=self.checkpoint.out(1)).out(0)
+        return self.graph.node("CLIPTextEncode", text=prompt, clip=self.clip).out(0)
 
     def image_latent(self, image: str | None):
         """An image file encoded as a latent, scaled to about a megapixel as the official scripts do.
@@ -81,18 +91,26 @@ class Session:
                 raise CommandLineError(f"No image at {source}.")
             shutil.copyfile(source, inbox / source.name)
         loaded = self.graph.node("LoadImage", image=f"blora_cli/{source.name}")
-        scaled = self.graph.node("ImageScaleToTotalPixels", image=loaded.out(0), upscale_method="lanczos",
-                                 megapixels=0.02 if self.tiny else 1.0)
-        return self.graph.node("VAEEncode", pixels=scaled.out(0), vae=self.checkpoint.out(2)).out(0)
+        if self.flux:
+            scaled = flux_graph.scaled(self.graph, loaded.out(0), flux_graph.TINY_SIZE if self.tiny else 1024)
+        else:
+            scaled = self.graph.node("ImageScaleToTotalPixels", image=loaded.out(0), upscale_method="lanczos",
+                                     megapixels=0.02 if self.tiny else 1.0).out(0)
+        return self.graph.node("VAEEncode", pixels=scaled, vae=self.vae).out(0)
 
     def sample(self, model, prompt: str, prefix: str, args, latent=None, denoise: float = 1.0):
         size = 64 if self.tiny else args.size
-        latent = latent or self.graph.node("EmptyLatentImage", width=size, height=size, batch_size=1).out(0)
+        positive = self.text(prompt)
+        if self.flux:
+            latent = latent or flux_graph.empty_latent(self.graph, size)
+            positive, settings = flux_graph.guided(self.graph, positive), flux_graph.SAMPLER
+        else:
+            latent = latent or self.graph.node("EmptyLatentImage", width=size, height=size, batch_size=1).out(0)
+            settings = {"cfg": args.cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
         sampled = self.graph.node("KSampler", model=model, seed=args.seed, steps=4 if self.tiny else args.sample_steps,
-                                  cfg=args.cfg, sampler_name="dpmpp_2m", scheduler="karras",
-                                  positive=self.text(prompt), negative=self.text(NEGATIVE), latent_image=latent,
+                                  **settings, positive=positive, negative=self.text(NEGATIVE), latent_image=latent,
                                   denoise=denoise)
-        decoded = self.graph.node("VAEDecode", samples=sampled.out(0), vae=self.checkpoint.out(2))
+        decoded = self.graph.node("VAEDecode", samples=sampled.out(0), vae=self.vae)
         self.graph.node("SaveImage", images=decoded.out(0), filename_prefix=prefix)
 
     def run(self, prompt: dict | None = None) -> dict:

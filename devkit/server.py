@@ -2,7 +2,8 @@
 
 The server runs ComfyUI's own ``main.py --cpu`` in a subprocess with a temporary folder as its
 base directory: custom nodes come from its custom_nodes folder, holding links to this pack and to
-tests/fixture_nodes, never from the host's own (where a user's install has this pack and others);
+the fixture nodes (devkit/fixture_nodes: tiny SDXL and tiny FLUX), never from the host's own
+(where a user's install has this pack and others);
 models, inputs, outputs, user files and the database are there too, and an extra_model_paths
 file points the loras folder at a temporary one. Nothing is written into the host's folders.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from . import host as host_harness
 
 FIXTURE_NODES = Path(__file__).resolve().parent / "fixture_nodes" / "tiny_sdxl_fixtures"
+FLUX_FIXTURE_NODES = FIXTURE_NODES.parent / "tiny_flux_fixtures"
 PACK_FOLDER_NAME = "blora_pack"
 
 
@@ -46,7 +48,8 @@ def comfy_server(comfy_path: Path, workdir: Path, timeout: float = 120.0, extra_
     ``workdir`` an earlier server used is used again as it is: a restart finds its files."""
     custom_nodes = workdir / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
-    links = [(PACK_FOLDER_NAME, host_harness.PACK_ROOT), (FIXTURE_NODES.name, FIXTURE_NODES)]
+    links = [(PACK_FOLDER_NAME, host_harness.PACK_ROOT), (FIXTURE_NODES.name, FIXTURE_NODES),
+             (FLUX_FIXTURE_NODES.name, FLUX_FIXTURE_NODES)]
     for name, pack in links + [(Path(pack).name, pack) for pack in extra_packs]:
         if not (custom_nodes / name).is_symlink():
             (custom_nodes / name).symlink_to(Path(pack).resolve(), target_is_directory=True)

@@ -119,6 +119,37 @@ def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32):
     )
 
 
+def tiny_flux_vae(seed: int = 0):
+    """ComfyUI's TAESD with 16 latent channels (FLUX's latent layout; ``comfy.sd.VAE`` reads the
+    channel count from the decoder's first weight) and fixed-seed weights, its scale/shift buffers
+    kept."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS)
+    parameters = dict(taesd.named_parameters())
+    state = {k: v for k, v in seeded_flux_weights(taesd, seed).items() if k in parameters}
+    return comfy.sd.VAE(sd={**taesd.state_dict(), **state})
+
+
+FLUX_LOADERS = {"UNETLoader": "TinyFluxModelLoader", "VAELoader": "TinyFluxVAELoader"}
+"""The real FLUX loaders and the fixture nodes (``devkit/fixture_nodes/tiny_flux_fixtures``) that stand in."""
+
+
+def swap_flux_loaders_for_tiny(prompt: dict) -> dict:
+    """An API-format FLUX prompt with its diffusion model, VAE and text encoders replaced by the
+    tiny FLUX's fixture nodes (the DualCLIPLoader is dropped: the tiny text encoder needs no
+    CLIP); everything else in the graph stays as it is."""
+    for node_id, node in list(prompt.items()):
+        if node["class_type"] in FLUX_LOADERS:
+            node["class_type"], node["inputs"] = FLUX_LOADERS[node["class_type"]], {"seed": 0}
+        elif node["class_type"] == "CLIPTextEncode":
+            node["class_type"], node["inputs"] = "TinyFluxTextEncode", {"text": node["inputs"]["text"]}
+        elif node["class_type"] == "DualCLIPLoader":
+            del prompt[node_id]
+    return prompt
+
+
 def tiny_flux_conditioning(text: str, guidance: float | None = DEFAULT_GUIDANCE, tokens: int = TEXT_TOKENS):
     """A fixed-seed CONDITIONING of FLUX's layout for ``text`` (T5 tokens (1, tokens, 32), CLIP
     pooled (1, 8), FLUX.1-dev's distilled guidance), as ``CLIPTextEncodeFlux`` makes it; equal

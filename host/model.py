@@ -18,8 +18,14 @@ from ..core import lora_format
 LORAS_FOLDER = "loras"
 
 
-def require_sdxl(model, node_name: str) -> None:
-    """Refuse anything but an SDXL-family UNet, naming what was given."""
+FLUX_NODES = "Train SplitFlux, Load Content LoRA, Load Style LoRA and K-LoRA Fuse"
+"""The nodes that take a FLUX.1 model (named in the SDXL-only nodes' refusal)."""
+
+
+def require_sdxl(model, node_name: str, flux_note: bool = True) -> None:
+    """Refuse anything but an SDXL-family UNet, naming what was given, the family the node
+    supports and (``flux_note``; the nodes that take FLUX.1 too say so themselves) which nodes
+    take FLUX.1."""
     base = getattr(model, "model", None)
     if not isinstance(base, comfy.model_base.SDXL):
         found = type(base).__name__ if base is not None else type(model).__name__
@@ -28,6 +34,7 @@ def require_sdxl(model, node_name: str) -> None:
         raise ValueError(
             f"{node_name} needs an SDXL model; the MODEL input is {found}{detail}. B-LoRA blocks exist only in "
             "SDXL's UNet: load an SDXL checkpoint (SDXL base or an SDXL fine-tune) and connect its MODEL output."
+            + (f" It supports SDXL only; FLUX.1 models are supported by {FLUX_NODES}." if flux_note else "")
         )
 
 

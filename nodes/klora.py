@@ -115,7 +115,7 @@ class KLoRAFuse(io.ComfyNode):
             content, style = _read_flux(model, content_lora), _read_flux(model, style_lora)
             return io.NodeOutput(_fused_flux(model, content, style, settings, content_strength, style_strength))
         try:
-            host_model.require_sdxl(model, "K-LoRA Fuse")
+            host_model.require_sdxl(model, "K-LoRA Fuse", flux_note=False)
         except ValueError as error:
             raise ValueError(f"{error} It also fuses FLUX LoRAs on FLUX.1 models "
                              f"({flux_training.SUPPORTED_FAMILIES}).") from None

@@ -78,7 +78,7 @@ class _BlockLoader(io.ComfyNode):
         if flux_training.is_flux1(model):
             return io.NodeOutput(cls._on_flux(model, lora_name, strength, strength_mode, content_branches))
         try:
-            host_model.require_sdxl(model, cls.DISPLAY_NAME)
+            host_model.require_sdxl(model, cls.DISPLAY_NAME, flux_note=False)
         except ValueError as error:
             raise ValueError(f"{error} It also takes FLUX.1 models ({flux_training.SUPPORTED_FAMILIES}), where it "
                              f"applies SplitFlux's {cls.ROLE} blocks.") from None

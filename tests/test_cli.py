@@ -50,6 +50,22 @@ def test_train_then_stylize_generate_and_run(cli):
     assert "text_stylization_00001_.png" in result.stdout
 
 
+def test_splitflux_train_then_stylize_on_the_tiny_flux(cli):
+    run, output, image = cli
+    result = run("train", "--tiny", "--recipe", "splitflux", "--image", str(image), "--steps", "2",
+                 "--name", "splitflux/photo")
+    assert "tiny FLUX.1-architecture model" in result.stdout
+    for role in ("content", "style"):
+        with safe_open(str(output / "loras" / "splitflux" / f"photo_{role}.safetensors"), "pt") as handle:
+            assert handle.metadata()["blora.steps"] == "2" and handle.metadata()["splitflux.role"] == role
+    result = run("stylize", "--tiny", "--flux", "--content", "splitflux/photo_content", "--style", "splitflux/photo_style")
+    assert "splitflux/stylize_00001_.png" in result.stdout.replace("\\", "/")
+    result = run("run", "splitflux_recontextualize", "--tiny", "--set",
+                 "Load Content LoRA.lora_name=splitflux/photo_content.safetensors", "--set", "KSampler.steps=2",
+                 "--set", "EmptySD3LatentImage.width=64", "--set", "EmptySD3LatentImage.height=64")
+    assert "recontextualized_00001_.png" in result.stdout
+
+
 def test_unzip_train_and_recombine(cli):
     run, output, image = cli
     run("unzip", "train", "--tiny", "--image", str(image), "--prompt", "A monadikos cat in sketch style",
@@ -64,6 +80,8 @@ def test_unzip_train_and_recombine(cli):
     (["stylize", "--tiny", "--content", "b-lora/nope", "--text", "x"], "is not in the loras folder"),
     (["train", "--tiny", "--image", "/no/such.png"], "No image at /no/such.png"),
     (["train", "--image", "x.png"], "Give --checkpoint"),
+    (["train", "--tiny", "--recipe", "splitflux", "--rank", "4"], "--rank is not an option of SplitFlux"),
+    (["train", "--tiny", "--flux"], "--recipe b-lora trains SDXL; on FLUX.1 use --recipe splitflux"),
     (["run", "b-lora_train", "--tiny", "--set", "Nothing.steps=3"], "no node with id, title, name or type 'Nothing'"),
     (["run", "no_such_workflow", "--tiny"], "shipped ones: b-lora_consistent_style"),
 ])

@@ -88,6 +88,17 @@ def test_wrong_part_and_no_main_branch_are_clear_errors(host, loaded_flux, files
         host.run_node(CONTENT, loaded_flux, "plain.safetensors", 1.0, "comfyui (linear)", "main only")
 
 
+@pytest.mark.parametrize("node, arguments", [
+    ("UnZipColumnMaskMerge", ("sf_content.safetensors", "sf_style.safetensors", 1.0, 1.0)),
+    ("ReCharStructureFuse", ("sf_content.safetensors", "sf_style.safetensors", 1.0, 1.0)),
+])
+def test_an_sdxl_only_node_given_flux_names_sdxl_and_the_flux_nodes(host, loaded_flux, files, node, arguments):
+    with pytest.raises(ValueError, match=r"needs an SDXL model; the MODEL input is Flux.*supports SDXL only; FLUX\.1 "
+                                         r"models are supported by Train SplitFlux, Load Content LoRA, Load Style "
+                                         r"LoRA and K-LoRA Fuse\.$"):
+        host.run_node(node, loaded_flux, *arguments)
+
+
 def test_a_model_of_neither_family_is_refused_naming_both(host, files):
     from devkit import tiny_models
 

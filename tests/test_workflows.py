@@ -4,7 +4,9 @@ Each UI-format file is converted to the API format with the host's own node defi
 the editor's "Export (API)"), then run by a real ComfyUI server on loopback. Only the loaders
 are swapped for tiny fixtures (checkpoint -> TinySDXLCheckpointLoader, CLIPTextEncode ->
 TinyTextEncode, ControlNetLoader -> TinyControlNetLoader); for CPU time, step counts and image
-sizes are scaled down, nothing else.
+sizes are scaled down, nothing else. The FLUX.1 workflows (those with a UNETLoader) get the tiny
+FLUX instead (UNETLoader -> TinyFluxModelLoader, VAELoader -> TinyFluxVAELoader, CLIPTextEncode ->
+TinyFluxTextEncode, DualCLIPLoader dropped: ``devkit/fixture_nodes/tiny_flux_fixtures``).
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 import lora_namings
 from devkit import server as server_harness
-from devkit import tiny_models
+from devkit import tiny_flux, tiny_models
 from devkit.host import COMFYUI_PATH
 
 from blora_pack.command_line.tiny import swap_loaders_for_tiny
 from blora_pack.command_line import workflow_format
+from blora_pack.training import splitflux
 
 SHIPPED = workflow_format.shipped(Path(__file__).resolve().parents[1] / "workflows")
 WORKFLOWS = [w for key, w in SHIPPED.items() if not key.endswith("_ipadapter")]
@@ -34,6 +38,8 @@ INPUT_IMAGES = ("my_image.png", "image_a.png", "image_b.png", "style_1.png", "st
 SCALED_DOWN = {
     "BLoRATrain": {"steps": 2}, "UnZipLoRATrain": {"steps": 3}, "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64}, "ImageScaleToTotalPixels": {"megapixels": 0.01},
+    "SplitFluxTrain": {"steps": 2}, "EmptySD3LatentImage": {"width": 64, "height": 64},
+    "ImageScale": {"width": 64, "height": 64},
 }
 OUTPUT_TYPES = {"SaveImage", "PreviewImage"}
 
@@ -50,11 +56,38 @@ def server(host, tmp_path_factory):
         for seed, name in enumerate(("content_image", "style_image", "glyph")):
             layers = lora_namings.random_layers(shapes, rank=4, seed=seed)
             save_file(lora_namings.write_naming(layers, "official"), str(workdir / "loras" / "b-lora" / f"{name}.safetensors"))
+        write_flux_loras(workdir / "loras")
         yield url, server_harness.get_json(url, "/object_info")
 
 
+def splitflux_files(seed: int) -> tuple[dict, dict]:
+    """The content and style state dicts of SplitFlux layers for the tiny FLUX, random nonzero."""
+    layers = splitflux.SplitFluxLayers(tiny_flux.HIDDEN_SIZE, splitflux.SplitFluxSettings())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.copy_(0.02 * torch.randn(p.shape, generator=generator))
+    return splitflux.role_state_dict(layers, "content"), splitflux.role_state_dict(layers, "style")
+
+
+def write_flux_loras(loras: Path):
+    """What the FLUX workflows load: SplitFlux files of two images, and two FLUX LoRAs changing the
+    same layers (single blocks 0-11) for K-LoRA Fuse."""
+    (loras / "splitflux").mkdir()
+    (loras / "flux").mkdir()
+    main_rank = {splitflux.MAIN_RANK_METADATA_KEY: str(splitflux.SplitFluxSettings().content_rank)}
+    content, _ = splitflux_files(0)
+    _, style = splitflux_files(1)
+    save_file(content, str(loras / "splitflux" / "content_image_content.safetensors"), main_rank)
+    save_file(style, str(loras / "splitflux" / "style_image_style.safetensors"))
+    save_file(content, str(loras / "flux" / "subject.safetensors"))
+    save_file({**splitflux_files(2)[0], **style}, str(loras / "flux" / "style.safetensors"))
+
+
 def runnable(prompt: dict) -> dict:
-    for node in swap_loaders_for_tiny(prompt).values():
+    is_flux = any(node["class_type"] == "UNETLoader" for node in prompt.values())
+    swap = tiny_flux.swap_flux_loaders_for_tiny if is_flux else swap_loaders_for_tiny
+    for node in swap(prompt).values():
         node["inputs"].update(SCALED_DOWN.get(node["class_type"], {}))
     return prompt
 
@@ -63,7 +96,8 @@ def test_workflows_are_shipped():
     assert set(SHIPPED) == {"rechar_character_ipadapter", "lora_style_transfer_sdedit_ipadapter", "b-lora_train",
                             "b-lora_style_transfer", "b-lora_text_stylization", "b-lora_consistent_style",
                             "unziplora_train_and_recombine", "lora_style_transfer_sdedit", "rechar_character",
-                            "k-lora_fuse"}
+                            "k-lora_fuse", "splitflux_train", "splitflux_recontextualize", "splitflux_style_transfer",
+                            "k-lora_fuse_flux"}
     assert len(list(next(iter(SHIPPED.values())).parent.glob("*.json"))) == len(SHIPPED), "a workflow with no key"
 
 

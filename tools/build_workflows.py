@@ -18,7 +18,9 @@ from typing import Callable
 from devkit import PACK_ROOT as ROOT
 from blora_pack import methods
 from blora_pack.command_line.workflow_format import OLDER_HOST_NODES, Node, Note, build_ui
+from tools import flux_workflows
 
+SPLITFLUX = methods.by_key("splitflux")
 B_LORA, STYLE_LORA, UNZIPLORA, K_LORA, RECHAR = (methods.by_key(k) for k in ("b-lora", "style", "unziplora", "k-lora",
                                                                              "rechar"))
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -33,6 +35,13 @@ MODELS = {  # what each model file a workflow loads is, where ComfyUI keeps it, 
                                                        "ip-adapter_sdxl_vit-h.safetensors"),
     "ip_plus_composition_sdxl.safetensors": ("ipadapter", "https://huggingface.co/ostris/ip-composition-adapter/resolve/"
                                                           "main/ip_plus_composition_sdxl.safetensors"),
+    flux_workflows.UNET: ("diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/"
+                                              "flux1-dev.safetensors"),
+    flux_workflows.CLIP_L: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+                                             "clip_l.safetensors"),
+    flux_workflows.T5XXL: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+                                            "t5xxl_fp16.safetensors"),
+    flux_workflows.VAE: ("vae", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
 }
 PACK_ID = "blora-content-style"
 """The pack's Comfy Registry id (pyproject.toml's project name): ``cnr_id`` on its nodes."""
@@ -351,6 +360,15 @@ SHIPPED = (
             "fusion plus two IP-Adapters (needs ComfyUI_IPAdapter_plus).", rechar_character_ipadapter, True),
     Shipped("lora_style_transfer_sdedit_ipadapter", STYLE_LORA, "SDEdit (IP-Adapter)", "SDEdit keeping the photo's "
             "details with an IP-Adapter (needs ComfyUI_IPAdapter_plus).", lora_style_transfer_sdedit_ipadapter, True),
+    Shipped("splitflux_train", SPLITFLUX, "train on one image (FLUX.1)", "Train SplitFlux on one image: a content "
+            "LoRA and a style LoRA on FLUX.1's single blocks, a sample and the loss curve.",
+            flux_workflows.splitflux_train),
+    Shipped("splitflux_recontextualize", SPLITFLUX, "recontextualize (FLUX.1)", "The content of a SplitFlux file "
+            "(its main branch) in a new scene.", flux_workflows.splitflux_recontextualize),
+    Shipped("splitflux_style_transfer", SPLITFLUX, "style transfer (FLUX.1)", "The content of image A in the style "
+            "of image B, from their two SplitFlux files.", flux_workflows.splitflux_style_transfer),
+    Shipped("k-lora_fuse_flux", K_LORA, "fuse two FLUX.1 LoRAs", "Any FLUX.1 subject LoRA with any FLUX.1 style LoRA, "
+            "fused per layer and step with no training.", flux_workflows.k_lora_fuse_flux),
 )
 
 

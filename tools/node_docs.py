@@ -215,7 +215,7 @@ def pictures() -> dict[str, Path]:
 
     found = {}
     shipped = workflow_format.shipped(ROOT / "workflows")
-    for key, path in sorted(shipped.items(), key=lambda item: item[0].endswith("_ipadapter")):
+    for key, path in sorted(shipped.items(), key=lambda item: (item[0].endswith("_ipadapter"), item[0])):
         for node in json.loads(path.read_text())["nodes"]:
             found.setdefault(node["type"], path.with_suffix(".jpg"))
     return found

@@ -52,7 +52,7 @@ def draw(workflow: dict, title: str, description: str, pack_nodes: set[str], dis
         x0, y0, x1, y1 = box(node)
         colour = NOTE_COLOUR if node["type"] == "Note" else PACK_COLOUR if node["type"] in pack_nodes else CORE_COLOUR
         canvas.rectangle([x0, y0, x1, y1], fill=colour, outline=(160, 160, 170))
-        label = "Note" if node["type"] == "Note" else node.get("title") or display_names.get(node["type"], node["type"])
+        label = "Note" if node["type"] == "Note" else node.get("title") or display_names.get(node["type"]) or node["type"]
         for index, line in enumerate(_wrap(canvas, label, node_font, int(x1 - x0) - 4)[:2]):
             canvas.text((x0 + 3, y0 + 2 + 12 * index), line, font=node_font, fill=(235, 235, 235))
     canvas.rectangle([0, SIZE - BANNER, SIZE, SIZE], fill=(20, 20, 24))
