@@ -64,8 +64,8 @@ def test_loaders_carry_their_models_and_nodes_their_pack():
                 assert properties["cnr_id"] == build_workflows.IPADAPTER_PACK_ID
             for value in node["widgets_values"]:
                 if value in build_workflows.MODELS:
-                    (model,) = properties["models"]
-                    assert model["name"] == value and model["url"].startswith("https://huggingface.co/")
+                    (model,) = [m for m in properties["models"] if m["name"] == value]  # DualCLIPLoader: two
+                    assert model["url"].startswith("https://huggingface.co/")
                     assert model["directory"] == build_workflows.MODELS[value][0]
                     seen.add(value)
     assert seen == set(build_workflows.MODELS), "a model no shipped workflow loads"
