@@ -65,6 +65,13 @@ class TrainingNode(io.ComfyNode):
         return written_files.fingerprint(cls.NODE_ID, lora_name)
 
 
+def role_file_outputs(roles: tuple[str, ...]) -> list[io.String.Output]:
+    """One output per trained role (``content_lora``, ``style_lora``): the files of a method that
+    trains a LoRA per role (UnZipLoRA, SplitFlux)."""
+    return [io.String.Output(display_name=f"{role}_lora", tooltip=f"The saved {role} LoRA, relative to the loras folder.")
+            for role in roles]
+
+
 def training_schema(node_id: str, display_name: str, description: str, inputs: list, model_tooltip: str,
                     file_outputs: list, **more) -> io.Schema:
     """A training node's schema: its ``inputs`` with ``memory`` and ``overwrite`` appended (last,

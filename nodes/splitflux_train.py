@@ -13,7 +13,8 @@ from ..host import flux_lora, flux_training, training_run
 from ..methods.flux import SPLITFLUX
 from ..training import memory as memory_settings, splitflux
 from ..training.trainer import PRECISIONS
-from .schema import TrainingNode, discovery, resume_input, seed_input, training_output, training_schema
+from .schema import (TrainingNode, discovery, resume_input, role_file_outputs, seed_input, training_output,
+                     training_schema)
 
 NODE_ID = "SplitFluxTrain"
 PAPER = SPLITFLUX.recipe
@@ -66,10 +67,7 @@ class TrainSplitFlux(TrainingNode):
                                 tooltip="Prompt text for the files' metadata."),
             ],
             model_tooltip="The model with the content (main + residual) and style LoRAs.",
-            file_outputs=[
-                io.String.Output(display_name="content_lora", tooltip="The content file, relative to the loras folder."),
-                io.String.Output(display_name="style_lora", tooltip="The style file, relative to the loras folder."),
-            ],
+            file_outputs=role_file_outputs(splitflux.ROLES),
         )
 
     @classmethod

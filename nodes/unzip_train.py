@@ -14,7 +14,8 @@ from ..methods.sdxl import UNZIPLORA
 from ..training import memory as memory_settings, unziplora
 from ..training.job import trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import TrainingNode, discovery, resume_input, seed_input, training_output, training_schema
+from .schema import (TrainingNode, discovery, resume_input, role_file_outputs, seed_input, training_output,
+                     training_schema)
 
 NODE_ID = "UnZipLoRATrain"
 PAPER = UNZIPLORA.recipe
@@ -91,10 +92,7 @@ class TrainUnZipLoRA(TrainingNode):
                              tooltip="Every N steps, show a quick sample of the LoRAs being trained (0: off)."),
             ],
             model_tooltip="The model with both LoRAs merged (mergers applied).",
-            file_outputs=[
-                io.String.Output(display_name="content_lora", tooltip="The saved content LoRA, relative to the loras folder."),
-                io.String.Output(display_name="style_lora", tooltip="The saved style LoRA, relative to the loras folder."),
-            ],
+            file_outputs=role_file_outputs(unziplora.ROLES),
         )
 
     @classmethod
