@@ -139,12 +139,15 @@ def test_templates_show_the_packs_titles_and_pictures(browser_page):
     pictures = f"/workflow_templates/{server_harness.PACK_FOLDER_NAME}/"
     from urllib.parse import unquote
 
+    # Within the dialog: under Nodes 2.0 every node of the workflow an earlier test loaded wears a
+    # badge with the pack's folder name too, behind the dialog.
+    browser = page.get_by_role("dialog")
     # the first picture the browser asks for (which cards it draws first differs between frontends)
     with page.expect_response(lambda r: pictures in unquote(r.url) and unquote(r.url).endswith(".jpg"),
                               timeout=60_000) as fetched:
-        page.get_by_text(server_harness.PACK_FOLDER_NAME, exact=True).first.click(timeout=60_000)
+        browser.get_by_text(server_harness.PACK_FOLDER_NAME, exact=True).first.click(timeout=60_000)
     assert fetched.value.status == 200 and fetched.value.headers["content-type"] == "image/jpeg"
-    page.get_by_text(title, exact=True).first.wait_for(timeout=30_000)
+    browser.get_by_text(title, exact=True).first.wait_for(timeout=30_000)
     for _ in range(3):
         page.keyboard.press("Escape")
     assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]
