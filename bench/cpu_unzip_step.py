@@ -61,11 +61,11 @@ def main() -> None:
 
     wrappers = unziplora.module_wrappers(layers, contexts, settings)
 
-    def pack_side(checkpoint_backward_path: bool):
+    def pack_side(recomputed_layers: int | None):
         def run() -> list[float]:
             times = []
             with host_training.training_model(model, method.modules, module_wrappers=wrappers,
-                                              checkpoint_backward_path=checkpoint_backward_path) as (clone, device):
+                                              recomputed_layers=recomputed_layers) as (clone, device):
                 predict = host_training.unet_predict(clone, conditionings, device)
                 trainer.train(method.modules, predict, x0, host_training.noise_schedule(clone),
                               trainer.TrainConfig(steps=args.steps + 2, learning_rate=5e-5),
@@ -81,7 +81,7 @@ def main() -> None:
         reference.train(x0, draws, y_inputs, positive[0][0], args.steps)
         return [(time.perf_counter() - start) / args.steps]
 
-    sides = {"pack": pack_side(False), "pack-8gb": pack_side(True), "reference": reference_side}
+    sides = {"pack": pack_side(0), "pack-8gb": pack_side(None), "reference": reference_side}
     samples = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, run in sides.items():
