@@ -77,12 +77,14 @@ def flux_unet_config(config: dict) -> dict:
     return {key: value for key, value in config.items() if key in fields}
 
 
-def flux_model_config(config: dict = TINY_FLUX_CONFIG, dtype: torch.dtype = torch.float32):
-    """ComfyUI's ``supported_models.Flux`` for ``config``, at inference dtype ``dtype``."""
+def flux_model_config(config: dict = TINY_FLUX_CONFIG, dtype: torch.dtype = torch.float32,
+                      manual_cast_dtype: torch.dtype | None = None):
+    """ComfyUI's ``supported_models.Flux`` for ``config``, its weights in ``dtype`` (computed in
+    ``manual_cast_dtype`` when given: fp8 weights, as Load Diffusion Model's ``weight_dtype`` loads them)."""
     import comfy.supported_models
 
     model_config = comfy.supported_models.Flux(flux_unet_config(config))
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
     return model_config
 
 
@@ -103,15 +105,17 @@ def seeded_flux_weights(transformer: torch.nn.Module, seed: int = 0) -> dict[str
     return weights
 
 
-def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
     """A ComfyUI ModelPatcher around a tiny ``model_base.Flux`` with fixed-seed weights (the
     host's layers skip initialisation, so every parameter is set here). Under
-    ``torch.inference_mode()`` its weights are inference tensors, as a checkpoint loader's are."""
+    ``torch.inference_mode()`` its weights are inference tensors, as a checkpoint loader's are.
+    (ComfyUI's loader cannot read the tiny model's config from its weights: it takes FLUX's head
+    size of 128 as given.)"""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
 
-    model = comfy.model_base.Flux(flux_model_config(TINY_FLUX_CONFIG, dtype))
+    model = comfy.model_base.Flux(flux_model_config(TINY_FLUX_CONFIG, dtype, manual_cast_dtype))
     transformer = model.diffusion_model
     transformer.load_state_dict({k: v.to(dtype) for k, v in seeded_flux_weights(transformer, seed).items()})
     return comfy.model_patcher.ModelPatcher(
