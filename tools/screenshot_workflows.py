@@ -7,7 +7,7 @@ headless Chromium driven by Playwright. Each picture is named by the workflow's 
 colours survive 256 of them). Run after changing a workflow, with ``IPADAPTER_PACK_PATH`` naming
 a copy of ComfyUI_IPAdapter_plus (the IP-Adapter variants show their nodes only with it):
 
-    python -m tools.screenshot_workflows
+    python -m tools.screenshot_workflows [splitflux_train ...]   # only those workflows
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def main() -> None:
     if ipadapter is None:
         print("IPADAPTER_PACK_PATH names no copy of ComfyUI_IPAdapter_plus: the IP-Adapter variants' nodes "
               "will show as missing")
-    wanted = pictures()
+    only = set(sys.argv[1:])  # the workflows' command-line names (e.g. splitflux_train); none: every one
+    wanted = {workflow: image for workflow, image in pictures().items() if not only or image.stem in only}
     with server_harness.comfy_server(host.COMFYUI_PATH, Path(tempfile.mkdtemp()),
                                      extra_packs=(ipadapter,) if ipadapter else ()) as url:
         with browser_harness.editor(url, *SIZE) as (page, _):
