@@ -179,9 +179,19 @@ def open_node_help(page, node_type: str, doc_path: str):
         graph.add(node);
         return node.id;
     }""", node_type)
-    browser_harness.click_node_title(page, node_id)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    info_button = page.locator("[data-testid=info-button]")
+    for attempt in range(3):  # on a loaded machine a click can land before the canvas has drawn the node
+        browser_harness.click_node_title(page, node_id)
+        try:
+            info_button.wait_for(state="visible", timeout=15_000)
+            break
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
     with page.expect_response(lambda r: urlparse(r.url).path == doc_path, timeout=30_000) as fetched:
-        page.locator("[data-testid=info-button]").click(timeout=30_000)
+        info_button.click(timeout=30_000)
     assert fetched.value.status == 200, f"{doc_path}: {fetched.value.status}"
     return node_id, page.locator(".node-help-content")
 
