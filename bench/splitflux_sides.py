@@ -32,13 +32,6 @@ PACK_SIDES = {"pack": "fastest", "pack-8gb": "8 GB"}
 SIDES = (*PACK_SIDES, "reference")
 
 
-def conditionings(config: dict, tokens: int):
-    """The content and the style prompt's CONDITIONING (seeded, ``config``'s widths; the paper's
-    prompts as text, equal token counts as prompt replacement needs)."""
-    return (tiny_flux.tiny_flux_conditioning("A [v] object", tokens=tokens, config=config),
-            tiny_flux.tiny_flux_conditioning("A [v] style", tokens=tokens, config=config))
-
-
 def just_run(run_steps, n: int):
     return run_steps(n)
 
@@ -49,7 +42,12 @@ class SplitFluxBench:
     def __init__(self, host, model, latent: torch.Tensor, tokens: int, precision: str, measure=just_run):
         self.host, self.model, self.precision, self.measure = host, model, precision, measure
         self.latents = {"samples": latent}
-        self.content, self.style = conditionings(model.model.model_config.unet_config, tokens)
+        # the paper's prompts (seeded embeddings of the model's widths), of equal token counts as
+        # prompt replacement needs
+        self.prompts = host.pack("methods.flux").SPLITFLUX.recipe.settings
+        self.content, self.style = (
+            tiny_flux.tiny_flux_conditioning(self.prompts[key], tokens=tokens, config=model.model.model_config.unet_config)
+            for key in ("content_prompt", "style_prompt"))
         self.folder = tempfile.TemporaryDirectory(prefix="splitflux-bench-")  # the job's files; none is written
         self.losses: dict[str, list[float]] = {}
 
@@ -60,7 +58,7 @@ class SplitFluxBench:
         splitflux = self.host.pack("training.splitflux")
         files = job_module.OutputFiles.inside(self.folder.name, "bench.safetensors", splitflux.ROLES)
         return node.training_job(self.model, self.latents, self.content, self.style, steps, 0.0, SEED, self.precision,
-                                 0, None, node.DEFAULTS, "", files)
+                                 0, None, node.DEFAULTS, self.prompts["content_prompt"], files)
 
     def runner(self, side: str):
         losses = self.losses.setdefault(side, [])
