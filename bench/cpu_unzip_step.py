@@ -56,11 +56,11 @@ def main() -> None:
 
     wrappers = unziplora.module_wrappers(layers, contexts, settings)
 
-    def pack_side(checkpoint_backward_path: bool):
+    def pack_side(recomputed_layers: int | None):
         def run() -> list[float]:
             times = []
             with host_training.training_model(model, method.modules, module_wrappers=wrappers,
-                                              checkpoint_backward_path=checkpoint_backward_path) as (clone, device):
+                                              recomputed_layers=recomputed_layers) as (clone, device):
                 predict = host_training.unet_predict(clone, conditionings, device)
                 trainer.train(method.modules, predict, x0, host_training.noise_schedule(clone),
                               trainer.TrainConfig(steps=args.steps + 2, learning_rate=5e-5),
@@ -76,7 +76,7 @@ def main() -> None:
         reference.train(x0, draws, y_inputs, positive[0][0], args.steps)
         return [(time.perf_counter() - start) / args.steps]
 
-    sides = {"pack": pack_side(False), "pack-8gb": pack_side(True), "reference": reference_side}
+    sides = {"pack": pack_side(0), "pack-8gb": pack_side(None), "reference": reference_side}
     samples = report.alternate(sides, args.rounds)
     report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32",
                        "", args.json)

@@ -237,9 +237,9 @@ def pack_runner(setup: Setup, host, model, variant: PackVariant):
 
     def run(n):
         with contextlib.ExitStack() as stack:
-            checkpointed = host.pack("training.memory").CHECKPOINTED[variant.memory]
+            recomputed = host.pack("training.memory").recomputed_layers(variant.memory, sdxl.B_LORA)
             clone, device = stack.enter_context(host_training.training_model(model, adapters, adapters.weight_wrappers(),
-                                                                             checkpoint_backward_path=checkpointed))
+                                                                             recomputed_layers=recomputed))
             stack.enter_context(attention_function(variant.attention))
             stack.enter_context(adam_fused(trainer, variant.fused_adam))
             unet_predict = host_training.unet_predict(clone, conditionings, device)

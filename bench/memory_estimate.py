@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,9 @@ class CheckpointCount:
     Storages are counted by identity, so each is held until counted: a freed storage's address
     may be given to the next one, which would then be taken for the same storage."""
 
-    def __init__(self, counted_elsewhere: set[int] = frozenset()):
+    def __init__(self, checkpointed_function, counted_elsewhere: set[int] = frozenset()):
+        self.checkpointed_function = checkpointed_function
+        """The pack's ``gradient_checkpointing.checkpointed_function``: what checkpointing runs."""
         self.counted_elsewhere = counted_elsewhere
         """Storage keys not to count (weights, LoRA parameters: counted on their own)."""
         self.inputs: dict[int, torch.UntypedStorage] = {}
@@ -121,13 +124,14 @@ class CheckpointCount:
         """Each of ``layers`` counted (not checkpointed) while the context is open."""
         try:
             for layer in layers:
-                layer.forward = self._counted(layer.forward)
+                layer.forward = self._counted(self.checkpointed_function(layer, layer.forward))
             yield self
         finally:
             for layer in layers:
                 vars(layer).pop("forward", None)
 
     def _counted(self, forward):
+        """``forward`` as checkpointing runs it (``checkpointed_function``), counted."""
         def counted(*args, **kwargs):
             inner: dict[int, torch.UntypedStorage] = {}
 
@@ -153,13 +157,13 @@ def parameter_storages(*modules: torch.nn.Module) -> set[int]:
     return {_storage_key(p) for module in modules for p in module.parameters()}
 
 
-def held_for_backward(forward, checkpointed_layers, counted_elsewhere: set[int]) -> dict[str, int]:
+def held_for_backward(host, forward, checkpointed_layers, counted_elsewhere: set[int]) -> dict[str, int]:
     """What ``forward()`` (one training forward) leaves for backward, in bytes, less the storages
     in ``counted_elsewhere`` (keys of the weights and LoRA parameters: a frozen fp16 weight a
     product saves is the resident weight itself): ``held`` (autograd's saved tensors outside
     ``checkpointed_layers`` and those layers' inputs, each storage once) and ``largest_layer``
     (held in addition while that layer is recomputed in backward, see ``CheckpointCount``)."""
-    count = CheckpointCount(counted_elsewhere)
+    count = CheckpointCount(host.pack("training.gradient_checkpointing").checkpointed_function, counted_elsewhere)
     with count.counting(checkpointed_layers):
         storages = saved_storages(forward)
     storages.update(count.inputs)
@@ -223,7 +227,6 @@ def estimate(host, setup, method_key: str, setting: str) -> dict:
     unet.requires_grad_(False)
     resident = sum(p.numel() * p.element_size() for p in unet.parameters())
     trainable, trained = build_trainer(host, method_key, unet, setup.context_dim, torch.device("meta"), fp32_product)
-    attention.optimized_attention = attention.optimized_attention_masked = flash_like_attention
 
     latent = torch.empty(1, 4, setup.latent, setup.latent, device="meta")
     context = torch.empty(1, 77, setup.context_dim, device="meta", dtype=torch.float16)
@@ -235,8 +238,11 @@ def estimate(host, setup, method_key: str, setting: str) -> dict:
             prediction = unet(latent.half(), timesteps=timesteps, context=context, y=y)
             F.mse_loss(prediction, latent)
 
-    layers = gradient_checkpointing.backward_path_layers(unet, trained) if memory.CHECKPOINTED[setting] else []
-    held = held_for_backward(forward, layers, parameter_storages(unet, trainable))
+    method = host.pack("methods").by_key(method_key)
+    layers = gradient_checkpointing.backward_path_layers(unet, trained)[:memory.recomputed_layers(setting, method)]
+    with mock.patch.object(attention, "optimized_attention", flash_like_attention), \
+            mock.patch.object(attention, "optimized_attention_masked", flash_like_attention):
+        held = held_for_backward(host, forward, layers, parameter_storages(unet, trainable))
     saved = held["held"] + held["largest_layer"]
     optimizer_state = 4 * sum(p.numel() for p in trainable.parameters()) * 4  # fp32 weights, grads, 2 moments
     gib = 2**30
@@ -244,7 +250,7 @@ def estimate(host, setup, method_key: str, setting: str) -> dict:
             "peak_gib": round((resident + saved + optimizer_state) / gib, 2),
             "resident_weights_gib": round(resident / gib, 2),
             "saved_for_backward_gib": round(saved / gib, 2), "lora_and_optimizer_gib": round(optimizer_state / gib, 2),
-            "trained_layers": len(trained)}
+            "trained_layers": len(trained), "recomputed_layers": len(layers)}
 
 
 def flux_attention(q, k, v, heads, mask=None, skip_reshape=False, **_):
@@ -257,21 +263,35 @@ FLUX_TEXT_TOKENS = 512
 """T5 tokens (diffusers' training default; ComfyUI pads to at least 256)."""
 
 
-def estimate_flux(host, method_key: str, setting: str, latent_size: int = 128) -> dict:
+def build_splitflux(host, transformer: torch.nn.Module, hidden_size: int, text_tokens: int, device: torch.device):
+    """SplitFlux's layers on ``transformer`` as the pack applies them (its module wrappers);
+    returns (trainable, trained paths)."""
+    import comfy.utils
+
+    splitflux = host.pack("training.splitflux")
+    settings = splitflux.SplitFluxSettings()
+    trainable = splitflux.SplitFluxLayers(hidden_size, settings).to(device)
+    wrappers = splitflux.module_wrappers(trainable, splitflux.TokenLayout(text_tokens=text_tokens), settings)
+    for path, wrap in wrappers.items():
+        comfy.utils.set_attr(transformer, path, wrap(comfy.utils.get_attr(transformer, path)))
+    return trainable, list(wrappers)
+
+
+def estimate_flux(host, method_key: str, setting: str, latent_size: int = 128,
+                  recomputed_layers: int | None = 0) -> dict:
     """SplitFlux's training step on the full-size FLUX.1-dev at 1024 x 1024: fp8 resident weights
     (FLUX.1-dev as its fp8 checkpoints load) computed in bf16, the pack's SplitFlux layers and
-    module wrappers, the single blocks checkpointed under ``8 GB``. The no-grad style-prompt pass
-    (prompt replacement) keeps nothing for backward and is not counted."""
+    module wrappers, the single blocks the setting names recomputed (``recomputed_layers``
+    when ``setting`` is None). The no-grad style-prompt pass (prompt replacement) keeps nothing
+    for backward and is not counted."""
     import comfy.ldm.flux.math as flux_math
     import comfy.model_base
     import comfy.supported_models
-    import comfy.utils
 
     from devkit import tiny_flux
 
     memory = host.pack("training.memory")
     gradient_checkpointing = host.pack("training.gradient_checkpointing")
-    splitflux = host.pack("training.splitflux")
     flux_training = host.pack("host.flux_training")
     config = comfy.supported_models.Flux(tiny_flux.flux_unet_config(tiny_flux.FLUX1_DEV_CONFIG))
     config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
@@ -279,13 +299,8 @@ def estimate_flux(host, method_key: str, setting: str, latent_size: int = 128) -
     transformer = comfy.model_base.Flux(config, device=meta).diffusion_model
     transformer.requires_grad_(False)
     resident = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    settings = splitflux.SplitFluxSettings()
-    trainable = splitflux.SplitFluxLayers(tiny_flux.FLUX1_DEV_CONFIG["hidden_size"], settings).to(meta)
-    layout = splitflux.TokenLayout(text_tokens=FLUX_TEXT_TOKENS)
-    wrappers = splitflux.module_wrappers(trainable, layout, settings)
-    for path, wrap in wrappers.items():
-        comfy.utils.set_attr(transformer, path, wrap(comfy.utils.get_attr(transformer, path)))
-    flux_math.optimized_attention = flux_attention
+    trainable, trained = build_splitflux(host, transformer, tiny_flux.FLUX1_DEV_CONFIG["hidden_size"],
+                                         FLUX_TEXT_TOKENS, meta)
     latent = torch.empty(1, 16, latent_size, latent_size, device=meta)
     context = torch.empty(1, FLUX_TEXT_TOKENS, 4096, device=meta, dtype=torch.bfloat16)
     y = torch.empty(1, 768, device=meta, dtype=torch.bfloat16)
@@ -300,10 +315,11 @@ def estimate_flux(host, method_key: str, setting: str, latent_size: int = 128) -
         finally:
             AUTOCAST.dtype = torch.float16
 
-    layers = (gradient_checkpointing.backward_path_layers(transformer, list(wrappers))
-              if memory.CHECKPOINTED[setting] else [])
-    with flux_training.in_training_flag():
-        held = held_for_backward(forward, layers, parameter_storages(transformer, trainable))
+    if setting is not None:
+        recomputed_layers = memory.recomputed_layers(setting, host.pack("methods").by_key(method_key))
+    layers = gradient_checkpointing.backward_path_layers(transformer, trained)[:recomputed_layers]
+    with flux_training.in_training_flag(), mock.patch.object(flux_math, "optimized_attention", flux_attention):
+        held = held_for_backward(host, forward, layers, parameter_storages(transformer, trainable))
     saved = held["held"] + held["largest_layer"]
     optimizer_state = 4 * sum(p.numel() for p in trainable.parameters()) * 4
     gib = 2**30
@@ -311,15 +327,30 @@ def estimate_flux(host, method_key: str, setting: str, latent_size: int = 128) -
             "peak_gib": round((resident + saved + optimizer_state) / gib, 2),
             "resident_weights_gib": round(resident / gib, 2),
             "saved_for_backward_gib": round(saved / gib, 2), "lora_and_optimizer_gib": round(optimizer_state / gib, 2),
-            "trained_layers": len(trainable.targets)}
+            "trained_layers": len(trainable.targets), "recomputed_layers": len(layers)}
 
 
 GOALS_GIB = {("b-lora", "8 GB"): 7.0, ("b-lora", "fastest"): 12.0, ("unziplora", "8 GB"): 11.0,
-             ("splitflux", "8 GB"): 16.0}
+             ("splitflux", "8 GB"): 16.0, ("splitflux", "fastest"): 22.0}
 """The issues' goals: B-LoRA "8 GB" <= 7.0 GiB, "fastest" <= 12 GiB; UnZipLoRA's smallest <= 11 GiB;
-SplitFlux on FLUX.1-dev: smallest <= 16 GiB (a 16 GB card). Issue #20's other goal, SplitFlux
-fastest <= 24 GiB, is NOT met (39.65 GiB: every single block's activations at 4608 tokens are
-kept); a setting between the two (checkpointing part of the blocks) would be needed for it."""
+SplitFlux on FLUX.1-dev: smallest <= 16 GiB (a 16 GB card), fastest <= 24 GiB, taken here as
+22.0 so that ``auto`` (peak + 0.8 GiB) picks it on a 24 GB card with a display attached (about
+23 GiB free). Keeping every single block's activations needs 39.65 GiB, so SplitFlux's
+``fastest`` recomputes the first ``fastest_recomputes`` of them (``fewest_recomputed_layers``)."""
+
+
+def fewest_recomputed_layers(host, method_key: str, goal_gib: float) -> int:
+    """The fewest layers of a FLUX method's backward path, from its first, to recompute for its
+    peak at 1024 px to be at most ``goal_gib`` (each kept single block costs the same, so the
+    peak falls with every one recomputed: a bisection)."""
+    low, high = 0, estimate_flux(host, method_key, None, recomputed_layers=None)["recomputed_layers"]
+    while low < high:
+        middle = (low + high) // 2
+        if estimate_flux(host, method_key, None, recomputed_layers=middle)["peak_gib"] <= goal_gib:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def main(argv=None) -> list[dict]:
@@ -332,8 +363,8 @@ def main(argv=None) -> list[dict]:
     methods = host.pack("methods")
     records = [(estimate_flux(host, method.key, setting) if method.family == "FLUX.1"
                 else estimate(host, setup, method.key, setting))
-               for method in methods.METHODS if method.recipe is not None for setting in memory.CHECKPOINTED]
-    print("| method | memory | peak at 1024 px (GiB) | resident fp16 UNet | saved for backward | LoRA + AdamW | goal |")
+               for method in methods.METHODS if method.recipe is not None for setting in memory.RESOLVED]
+    print("| method | memory | peak at 1024 px (GiB) | resident weights | saved for backward | LoRA + AdamW | goal |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
         goal = GOALS_GIB.get((r["method"], r["memory"]))

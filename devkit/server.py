@@ -175,7 +175,7 @@ def is_end_of(message: dict, prompt_id: str) -> bool:
         message["type"] == "executing" and data.get("node") is None)
 
 
-def post(url: str, path: str, data: dict | None = None) -> None:
+def post(url: str, path: str, data: object = None) -> None:
     request = urllib.request.Request(url + path, data=json.dumps(data or {}).encode(),
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=30).read()

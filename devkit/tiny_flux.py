@@ -83,12 +83,14 @@ def flux_unet_config(config: dict) -> dict:
     return {key: value for key, value in config.items() if key in fields}
 
 
-def flux_model_config(config: dict = TINY_FLUX_CONFIG, dtype: torch.dtype = torch.float32):
-    """ComfyUI's ``supported_models.Flux`` for ``config``, at inference dtype ``dtype``."""
+def flux_model_config(config: dict = TINY_FLUX_CONFIG, dtype: torch.dtype = torch.float32,
+                      manual_cast_dtype: torch.dtype | None = None):
+    """ComfyUI's ``supported_models.Flux`` for ``config``, its weights in ``dtype`` (computed in
+    ``manual_cast_dtype`` when given: fp8 weights, as Load Diffusion Model's ``weight_dtype`` loads them)."""
     import comfy.supported_models
 
     model_config = comfy.supported_models.Flux(flux_unet_config(config))
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
     return model_config
 
 
@@ -114,18 +116,21 @@ def seeded_flux_weights(transformer: torch.nn.Module, seed: int = 0) -> dict[str
     return dict(seeded_values(transformer, seed))
 
 
-def build_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+def build_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+               manual_cast_dtype: torch.dtype | None = None):
     """A ComfyUI ModelPatcher around ``model_base.Flux`` of ``config`` with fixed-seed weights (the
-    host's layers skip initialisation, so every parameter is set here), built on ``device`` (the
-    CPU when None) and its weights drawn there one at a time. Under ``torch.inference_mode()`` its
-    weights are inference tensors, as a checkpoint loader's are."""
+    host's layers skip initialisation, so every parameter is set here), in ``dtype`` (computed in
+    ``manual_cast_dtype`` when given), built on ``device`` (the CPU when None) and its weights
+    drawn there one at a time. Under ``torch.inference_mode()`` its weights are inference tensors,
+    as a checkpoint loader's are. (ComfyUI's loaders cannot read a narrow model's config from its
+    weights: they take FLUX's head size of 128 as given.)"""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
 
     device = torch.device(device or "cpu")
     with device:
-        model = comfy.model_base.Flux(flux_model_config(config, dtype), device=device)
+        model = comfy.model_base.Flux(flux_model_config(config, dtype, manual_cast_dtype), device=device)
     state = model.diffusion_model.state_dict()  # the parameters' own storage
     with torch.no_grad():
         for name, value in seeded_values(model.diffusion_model, seed, device):
@@ -135,9 +140,9 @@ def build_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, 
     )
 
 
-def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
     """The tiny FLUX (``TINY_FLUX_CONFIG``) as a ComfyUI ModelPatcher: ``build_flux``."""
-    return build_flux(TINY_FLUX_CONFIG, seed, dtype)
+    return build_flux(TINY_FLUX_CONFIG, seed, dtype, manual_cast_dtype=manual_cast_dtype)
 
 
 def tiny_flux_vae(seed: int = 0):

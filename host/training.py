@@ -148,16 +148,16 @@ def _unload(model_patcher, disposable: bool) -> None:
 
 @contextlib.contextmanager
 def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | None = None,
-                   module_wrappers: dict | None = None, checkpoint_backward_path: bool = False):
+                   module_wrappers: dict | None = None, recomputed_layers: int | None = 0):
     """A clone of ``model`` (of the host's non-dynamic delegate under dynamic VRAM, which lives
     only as long as this context, see ``compat.trainable_patcher``) loaded for training ``trainable``.
 
     ``weight_wrappers`` maps module paths to functions of the weight (``W -> W + delta``), added
     with ``ModelPatcher.add_weight_wrapper``; ``module_wrappers`` maps module paths to functions
     that wrap the module itself (e.g. a LoRA on another input), added as object patches. The
-    host applies both to the shared module only while the clone is loaded. With
-    ``checkpoint_backward_path`` every layer backward traverses recomputes its activations in
-    backward (the ``8 GB`` memory setting). Yields
+    host applies both to the shared module only while the clone is loaded. The first
+    ``recomputed_layers`` of the layers backward traverses (None: every one, the ``8 GB`` memory
+    setting; see ``training.memory.recomputed_layers``) recompute their activations in backward. Yields
     ``(clone, device)``; on exit, success or not, the clone is unloaded (weights and modules
     restored by the host; a disposable delegate is let go of where it is), the wrappers are taken
     off and every grad flag is restored.
@@ -182,7 +182,7 @@ def training_model(model, trainable: torch.nn.Module, weight_wrappers: dict | No
                 unet.requires_grad_(False)  # gradients for the trained parameters only; backward stops early
                 trainable.requires_grad_(True)
                 trained = [*weight_wrappers, *(module_wrappers or {})]
-                layers = gradient_checkpointing.backward_path_layers(unet, trained) if checkpoint_backward_path else []
+                layers = gradient_checkpointing.backward_path_layers(unet, trained)[:recomputed_layers]
                 with gradient_checkpointing.checkpointed(layers):
                     yield clone, device
         finally:
@@ -218,13 +218,12 @@ def preview_image(clone, predict, latent_shape, schedule, config, device):
     included), shown through the host's own latent-to-RGB previewer: no VAE needed."""
     import latent_preview
 
-    from ..training.preview import ddim_sample
+    from ..training.preview import sample
     from ..training.trainer import AUTOCAST_DTYPES
 
     dtype = AUTOCAST_DTYPES[config.precision]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        latent = ddim_sample(predict, latent_shape, schedule, PREVIEW_STEPS, config.seed, config.prediction,
-                             device=device)
+        latent = sample(predict, latent_shape, schedule, PREVIEW_STEPS, config.seed, config.prediction, device=device)
     latent_format = clone.model.latent_format
     previewer = latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias)
     return previewer.decode_latent_to_preview(latent)

@@ -189,7 +189,7 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
                                          note=note)
     with inputs.training_context(), host_training.training_model(
             inputs.model, job.trainable, job.weight_wrappers, job.module_wrappers,
-            memory_settings.CHECKPOINTED[setting]) as (clone, device):
+            memory_settings.recomputed_layers(setting, job.method)) as (clone, device):
         predict = inputs.predictor(clone, device)
         schedule = inputs.schedule(clone).to(device)
 

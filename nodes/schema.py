@@ -28,12 +28,18 @@ def discovery(node_id: str, *words: str) -> dict:
     return compat.schema_discovery(search_aliases=list(dict.fromkeys([*PACK_SEARCH_NAMES, *titles, *words])))
 
 
-def memory_input() -> io.Combo.Input:
+def memory_input(node_id: str) -> io.Combo.Input:
+    """The ``memory`` input, its tooltip saying what ``fastest`` keeps for the node's method."""
+    recomputes = max(method.fastest_recomputes for method in methods.trained_by(node_id))
+    fastest = ("everything kept for backward" if not recomputes else
+               f"everything kept for backward but the first {recomputes} single blocks (recomputed), so that 1024 px "
+               "fits a 24 GB card")
+    smallest = "for 1024 px on an 8 GB card" if not recomputes else "for 1024 px on a 16 GB card with fp8 weights"
     return io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO, optional=True,
                           tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "
-                                  "which), moving on to 8 GB if the GPU runs out of memory anyway. fastest: everything "
-                                  "kept for backward. 8 GB: gradient checkpointing of the layers backward runs through "
-                                  "(recomputed, about one more partial forward per step), for 1024 px on an 8 GB card.")
+                                  f"which), moving on to 8 GB if the GPU runs out of memory anyway. fastest: {fastest}. "
+                                  "8 GB: gradient checkpointing of the layers backward runs through (recomputed, about "
+                                  f"one more partial forward per step), {smallest}.")
 
 
 def overwrite_input() -> io.Boolean.Input:
@@ -46,6 +52,13 @@ def overwrite_input() -> io.Boolean.Input:
 def resume_input() -> io.Boolean.Input:
     return io.Boolean.Input("resume", default=False, optional=True,
                             tooltip="Continue from this lora_name's checkpoint (same settings) instead of starting over.")
+
+
+def preview_input(trained: str, model_part: str) -> io.Int.Input:
+    """``preview_every``: ``trained`` names what is trained ("LoRA"), ``model_part`` what runs ("UNet")."""
+    return io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                        tooltip=f"Every N steps, show a quick sample of the {trained} being trained on this node "
+                                f"(0: off). Costs a few {model_part} passes each time.")
 
 
 def seed_input() -> io.Int.Input:
@@ -79,7 +92,7 @@ def training_schema(node_id: str, display_name: str, description: str, inputs: l
     files' names), the loss curve and the losses; an output node (it writes files)."""
     return io.Schema(
         node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
-        inputs=[*inputs, memory_input(), overwrite_input()],
+        inputs=[*inputs, memory_input(node_id), overwrite_input()],
         outputs=[io.Model.Output(display_name="model", tooltip=model_tooltip), *file_outputs,
                  io.Image.Output(display_name="loss_curve", tooltip="Per-step loss with a smoothed line."),
                  io.LossMap.Output(display_name="loss", tooltip="Per-step losses ({'loss': [...]}).")],

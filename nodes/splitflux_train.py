@@ -14,8 +14,8 @@ from ..methods.flux import SPLITFLUX
 from ..training import memory as memory_settings, splitflux
 from ..training.job import TrainingJob
 from ..training.trainer import PRECISIONS
-from .schema import (TrainingNode, discovery, resume_input, role_file_outputs, seed_input, training_output,
-                     training_schema)
+from .schema import (TrainingNode, discovery, preview_input, resume_input, role_file_outputs, seed_input,
+                     training_output, training_schema)
 
 NODE_ID = "SplitFluxTrain"
 PAPER = SPLITFLUX.recipe
@@ -66,6 +66,7 @@ class TrainSplitFlux(TrainingNode):
                                        f"{DEFAULTS.complementary_weight:g})."),
                 io.String.Input("prompt", default=PAPER.settings["content_prompt"], optional=True,
                                 tooltip="Prompt text for the files' metadata."),
+                preview_input("LoRAs", "transformer"),
             ],
             model_tooltip="The model with the content (main + residual) and style LoRAs.",
             file_outputs=role_file_outputs(splitflux.ROLES),
@@ -75,14 +76,16 @@ class TrainSplitFlux(TrainingNode):
     def execute(cls, model, latents, positive, style_positive, steps, learning_rate, seed, lora_name, precision,
                 checkpoint_every=PAPER.checkpoint_every, resume=False, mask=None,
                 prompt_replacement=DEFAULTS.prompt_replacement, complementary_weight=DEFAULTS.complementary_weight,
-                prompt=PAPER.settings["content_prompt"], memory=memory_settings.AUTO, overwrite=False) -> io.NodeOutput:
+                prompt=PAPER.settings["content_prompt"], preview_every=0, memory=memory_settings.AUTO,
+                overwrite=False) -> io.NodeOutput:
         settings = dataclasses.replace(DEFAULTS, prompt_replacement=prompt_replacement,
                                        complementary_weight=complementary_weight)
         files = training_run.output_files(lora_name, splitflux.ROLES, overwrite)  # a bad name: refused before any work
         with torch.inference_mode(False):
             inputs, job = training_job(model, latents, positive, style_positive, steps, learning_rate, seed,
                                        precision, checkpoint_every, mask, settings, prompt, files)
-            result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory, LABEL)
+            result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory, LABEL,
+                                      preview_every)
             trained = model
             for role in splitflux.ROLES:
                 trained = flux_lora.patched_clone(trained, job.lora_file(role)[0], 1.0, f"SplitFlux {role} LoRA")

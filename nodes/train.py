@@ -13,7 +13,7 @@ from ..methods.sdxl import B_LORA, STYLE_LORA
 from ..training import memory as memory_settings
 from ..training.job import lora_job, trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import TrainingNode, discovery, resume_input, seed_input, training_output, training_schema
+from .schema import TrainingNode, discovery, preview_input, resume_input, seed_input, training_output, training_schema
 
 NODE_ID = "BLoRATrain"
 RECIPES = methods.trained_by(NODE_ID)
@@ -67,9 +67,7 @@ class TrainBLoRA(TrainingNode):
                 io.Boolean.Input("export_diffusers", default=False, optional=True,
                                  tooltip="Also write <name>_diffusers/pytorch_lora_weights.safetensors in the official "
                                          "B-LoRA / diffusers format."),
-                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
-                             tooltip="Every N steps, show a quick sample of the LoRA being trained on this node "
-                                     "(0: off). Costs a few UNet passes each time."),
+                preview_input("LoRA", "UNet"),
             ],
             model_tooltip="The model with the trained LoRA applied.",
             file_outputs=[

@@ -14,8 +14,8 @@ from ..methods.sdxl import UNZIPLORA
 from ..training import memory as memory_settings, unziplora
 from ..training.job import trained_weights
 from ..training.trainer import DEFAULT_PRECISION, PRECISIONS
-from .schema import (TrainingNode, discovery, resume_input, role_file_outputs, seed_input, training_output,
-                     training_schema)
+from .schema import (TrainingNode, discovery, preview_input, resume_input, role_file_outputs, seed_input,
+                     training_output, training_schema)
 
 NODE_ID = "UnZipLoRATrain"
 PAPER = UNZIPLORA.recipe
@@ -88,8 +88,7 @@ class TrainUnZipLoRA(TrainingNode):
                                step=1e-12, round=False, optional=True,
                                tooltip="Column scores count input rows with |W x G| above this, on unscaled "
                                        "gradients. The default equals the official 1e-5 at fp16 loss scale 2^16."),
-                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
-                             tooltip="Every N steps, show a quick sample of the LoRAs being trained (0: off)."),
+                preview_input("LoRAs", "UNet"),
             ],
             model_tooltip="The model with both LoRAs merged (mergers applied).",
             file_outputs=role_file_outputs(unziplora.ROLES),

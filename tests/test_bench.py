@@ -137,12 +137,30 @@ def test_memory_estimate_gives_every_method_and_setting_and_the_registry_follows
     output = run_bench("memory_estimate.py", "--json", str(tmp_path / "memory.json"))
     assert "b-lora (160 layers)" in output and "MISSED" not in output
     records = json.loads((tmp_path / "memory.json").read_text())
-    assert {(r["method"], r["memory"]) for r in records} == {(k, s) for k in trained for s in memory.CHECKPOINTED}
+    assert {(r["method"], r["memory"]) for r in records} == {(k, s) for k in trained for s in memory.RESOLVED}
     for record in records:
         assert record["resolution"] == 1024 and record["resident_weights_gib"] > 4.5
         peak = trained[record["method"]].memory_peak_gib[record["memory"]]
         assert record["peak_gib"] == pytest.approx(peak, abs=0.01)
         assert record["peak_gib"] > record["resident_weights_gib"] + record["saved_for_backward_gib"]
+
+
+def test_flux_fastest_recomputes_the_fewest_single_blocks_that_meet_its_goal(host):
+    """SplitFlux's ``fastest`` on FLUX.1-dev at 1024 px: with the registry's ``fastest_recomputes``
+    the peak meets the goal, with one fewer it does not (so no more is recomputed than needed)."""
+    from bench import memory_estimate
+
+    import comfy.ldm.flux.math as flux_math
+
+    method = host.pack("methods").by_key("splitflux")
+    goal = memory_estimate.GOALS_GIB[("splitflux", "fastest")]
+    attention = flux_math.optimized_attention
+    peak = memory_estimate.estimate_flux(host, "splitflux", "fastest")
+    fewer = memory_estimate.estimate_flux(host, "splitflux", None, recomputed_layers=method.fastest_recomputes - 1)
+    assert peak["recomputed_layers"] == method.fastest_recomputes > 0
+    assert peak["peak_gib"] <= goal < fewer["peak_gib"]
+    assert peak["peak_gib"] + host.pack("training.memory").MARGIN_GIB <= 23.0, "auto picks it on a 24 GB card"
+    assert flux_math.optimized_attention is attention, "the count's stand-in for fused attention is taken off"
 
 
 def test_saved_bytes_on_the_meta_device_equal_those_of_a_real_run():
@@ -213,10 +231,48 @@ def test_the_count_of_what_a_forward_holds_equals_what_a_real_run_keeps_alive(ho
         prediction = unet(latent, timesteps=timestep, context=context, y=y)
         return torch.nn.functional.mse_loss(prediction, latent)
 
-    pre_existing = storages_alive()  # weights, LoRA, inputs, prompt embeddings: none is the forward's
-    assert memory_estimate.parameter_storages(unet, trainable) <= pre_existing
     layers = gradient_checkpointing.backward_path_layers(unet, trained) if checkpointed else []
-    counted = memory_estimate.held_for_backward(forward, layers, pre_existing)
+    assert_count_equals_real_run(host, forward, layers, memory_estimate.parameter_storages(unet, trainable),
+                                 trainable)
+
+
+@pytest.mark.parametrize("recomputed", [0, 26, None], ids=["none", "fastest", "8 GB"])
+def test_the_flux_count_of_what_a_forward_holds_equals_what_a_real_run_keeps_alive(host, recomputed):
+    """The same check for SplitFlux on the tiny FLUX (the paper's 19 + 38 blocks), with none, the
+    first 26 (what ``fastest`` recomputes on FLUX.1) and all of the backward path recomputed."""
+    from bench import memory_estimate
+    from devkit import tiny_flux
+
+    gradient_checkpointing = host.pack("training.gradient_checkpointing")
+    flux_training = host.pack("host.flux_training")
+    model = tiny_flux.build_tiny_flux()
+    transformer = model.model.diffusion_model.requires_grad_(False)
+    trainable, trained = memory_estimate.build_splitflux(host, transformer, tiny_flux.HIDDEN_SIZE,
+                                                         tiny_flux.TEXT_TOKENS, torch.device("cpu"))
+    latent, sigma, context, pooled, guidance = tiny_flux.sample_inputs(size=16)
+
+    def forward():
+        prediction = transformer(latent, sigma, context=context, y=pooled, guidance=guidance)
+        return torch.nn.functional.mse_loss(prediction, latent)
+
+    layers = gradient_checkpointing.backward_path_layers(transformer, trained)[:recomputed]
+    assert len(layers) == {0: 0, 26: 26, None: 39}[recomputed]
+    with flux_training.in_training_flag():
+        assert_count_equals_real_run(host, forward, layers, memory_estimate.parameter_storages(transformer, trainable),
+                                     trainable)
+
+
+def assert_count_equals_real_run(host, forward, layers, parameters: set[int], trainable):
+    """The estimate's count of what ``forward`` leaves for backward, with ``layers`` checkpointed,
+    equals the bytes a real run's ops allocated that are alive when backward is about to start;
+    then backward runs (a real graph), and a real recomputation of each checkpointed layer holds
+    at most what the count says of the largest."""
+    from bench import memory_estimate
+
+    gradient_checkpointing = host.pack("training.gradient_checkpointing")
+    pre_existing = storages_alive()  # weights, LoRA, inputs, prompt embeddings: none is the forward's
+    assert parameters <= pre_existing
+    counted = memory_estimate.held_for_backward(host, forward, layers, pre_existing)
 
     tracker = CreatedStorages()
     with gradient_checkpointing.checkpointed(layers):
@@ -226,8 +282,8 @@ def test_the_count_of_what_a_forward_holds_equals_what_a_real_run_keeps_alive(ho
         loss.backward()
     assert counted["held"] == kept > 0
     assert all(p.grad is not None for p in trainable.parameters())
-    if checkpointed:
-        assert counted["largest_layer"] == max(recomputation_holds(layer_inputs(layers, forward))) > 0
+    if layers:
+        assert counted["largest_layer"] == max(recomputation_holds(host, layer_inputs(layers, forward))) > 0
 
 
 def layer_inputs(layers, forward) -> list[tuple[torch.nn.Module, tuple, dict]]:
@@ -243,15 +299,18 @@ def layer_inputs(layers, forward) -> list[tuple[torch.nn.Module, tuple, dict]]:
     return calls
 
 
-def recomputation_holds(calls) -> list[int]:
-    """What each layer's ops keep for backward when it runs again with grad (its recomputation):
-    the bytes it allocates that are still alive after it returns, less its output."""
+def recomputation_holds(host, calls) -> list[int]:
+    """What each layer's ops keep for backward when it runs again with grad (its recomputation,
+    as checkpointing runs it): the bytes it allocates that are still alive after it returns,
+    less its output (when the layer allocated it: a layer that adds to its input returns it)."""
+    checkpointed_function = host.pack("training.gradient_checkpointing").checkpointed_function
     held = []
     for layer, args, kwargs in calls:
         tracker = CreatedStorages()
         with tracker:
-            out = layer(*args, **kwargs)
-        held.append(tracker.live_bytes() - out.untyped_storage().nbytes())
+            out = checkpointed_function(layer, layer.forward)(*args, **kwargs)
+        output = out.untyped_storage()._cdata
+        held.append(tracker.live_bytes() - (out.untyped_storage().nbytes() if output in tracker.created else 0))
         del out
     return held
 

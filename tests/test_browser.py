@@ -2,14 +2,17 @@
 against a real ComfyUI server on loopback with this pack and the tiny test model. A shipped
 training workflow is loaded (loaders swapped for the tiny fixtures, steps scaled down) and
 queued; the live loss chart must get one point per step, and this pack's script must log no
-console error. The screenshot is kept in test-artifacts/."""
+console error. The screenshot is kept in test-artifacts/. The editor's help for a pack node shows
+the pack's page (js/docs), and with the editor in Chinese the pack's names and page are Chinese."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
@@ -108,7 +111,7 @@ def test_live_loss_chart_fills_during_training(browser_page):
     assert ours == [], ours
 
     page.reload()  # the editor restores the open workflow; the last run's chart comes with it
-    page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=90_000)
+    browser_harness.wait_until_ready(page)
     page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id);"
                            " return n && n.bloraChart && n.properties.blora_last_run; }", arg=train_id, timeout=30_000)
     restored = page.evaluate("(id) => window.app.graph.getNodeById(id).properties.blora_last_run", train_id)
@@ -137,8 +140,6 @@ def test_templates_show_the_packs_titles_and_pictures(browser_page):
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     title = "B-LoRA - train on one image"
     pictures = f"/workflow_templates/{server_harness.PACK_FOLDER_NAME}/"
-    from urllib.parse import unquote
-
     # Within the dialog: under Nodes 2.0 every node of the workflow an earlier test loaded wears a
     # badge with the pack's folder name too, behind the dialog.
     browser = page.get_by_role("dialog")
@@ -151,3 +152,99 @@ def test_templates_show_the_packs_titles_and_pictures(browser_page):
     for _ in range(3):
         page.keyboard.press("Escape")
     assert not [p for p in problems if "blora" in p[0] or "blora" in p[1]]
+
+
+HELP_NODE = "BLoRATrain"
+"""The node whose help the editor is asked for (the pack ships its page in every language)."""
+
+
+def help_page(locale: str | None = None) -> tuple[str, str, str, str]:
+    """The pack's help page for ``HELP_NODE`` (English, or its ``locale`` translation) as the
+    editor fetches it: ``(URL path, title, first paragraph, picture file name)``."""
+    relative = f"{HELP_NODE}.md" if locale is None else f"{HELP_NODE}/{locale}.md"
+    lines = [line for line in (ROOT / "js" / "docs" / relative).read_text().splitlines() if line.strip()]
+    assert lines[0].startswith("# ") and not lines[1].startswith(("#", "!", "|", "**"))
+    picture = re.search(r"!\[[^\]]*\]\(images/([^)]+)\)", "\n".join(lines)).group(1)
+    return f"/extensions/{server_harness.PACK_FOLDER_NAME}/docs/{relative}", lines[0][2:], lines[1], picture
+
+
+def open_node_help(page, node_type: str, doc_path: str):
+    """Add a ``node_type`` node beside the graph, select it with the pointer and click the
+    selection toolbox's Node Info button, as a user asks for a node's help (the frontend shows it
+    in the node library sidebar on 1.27, in the properties panel's Info tab on 1.49 and later).
+    Checks the page came from ``doc_path``; returns the node's id and the help's panel."""
+    node_id = page.evaluate("""(type) => {
+        const graph = window.app.graph, node = LiteGraph.createNode(type);
+        node.pos = [Math.max(0, ...graph._nodes.map((n) => n.pos[0] + n.size[0])) + 400, 0];
+        graph.add(node);
+        return node.id;
+    }""", node_type)
+    browser_harness.click_node_title(page, node_id)
+    with page.expect_response(lambda r: urlparse(r.url).path == doc_path, timeout=30_000) as fetched:
+        page.locator("[data-testid=info-button]").click(timeout=30_000)
+    assert fetched.value.status == 200, f"{doc_path}: {fetched.value.status}"
+    return node_id, page.locator(".node-help-content")
+
+
+def check_help_shows(page, panel, title: str, paragraph: str, picture: str) -> None:
+    """The help panel shows the page's title, its first paragraph and its picture (loaded)."""
+    panel.get_by_role("heading", name=title, exact=True).wait_for(timeout=30_000)
+    panel.get_by_text(paragraph, exact=True).wait_for(timeout=30_000)
+    image = panel.locator(f"img[src$='images/{picture}']")
+    image.wait_for(state="attached", timeout=30_000)
+    image.evaluate("(img) => img.complete ? null : new Promise((done) => { img.onload = img.onerror = done; })")
+    assert image.evaluate("(img) => img.naturalWidth") > 0, f"the help's picture {picture} did not load"
+
+
+def pack_problems(problems, locale_page: str) -> list:
+    """The console errors that concern the pack, less the 404 of ``locale_page``: the frontend asks
+    for a node's help in the editor's language first (``docs/<node>/<locale>.md``), then falls back
+    to ``docs/<node>.md``; the pack ships no page named for English."""
+    return [p for p in problems if ("blora" in p[0] or "blora" in p[1]) and not p[0].endswith(locale_page)]
+
+
+def test_node_help_shows_the_packs_page(browser_page):
+    """Node Info on one of the pack's nodes: the editor fetches the pack's help page from its web
+    folder's docs/ and shows it, picture included."""
+    page, _, _, problems, _ = browser_page
+    doc_path, title, paragraph, picture = help_page()
+    node_id, panel = open_node_help(page, HELP_NODE, doc_path)
+    check_help_shows(page, panel, title, paragraph, picture)
+    page.evaluate("(id) => window.app.graph.remove(window.app.graph.getNodeById(id))", node_id)
+    assert pack_problems(problems, f"/docs/{HELP_NODE}/en.md") == []
+
+
+def set_locale(page, locale: str) -> None:
+    """The editor's language (setting Comfy.Locale), the page reloaded: the frontend names the
+    node types it registers at start-up in the language it starts in."""
+    page.evaluate("async (locale) => { await window.app.extensionManager.setting.set('Comfy.Locale', locale); }", locale)
+    page.reload()
+    browser_harness.wait_until_ready(page)
+
+
+def test_chinese_editor_shows_the_packs_translations(browser_page):
+    """With the editor in Chinese, the node library finds the pack's node by its Chinese name
+    (locales/zh/nodeDefs.json), the node on the canvas bears it and its inputs' Chinese names, and
+    Node Info shows the Chinese help page."""
+    page, _, _, problems, _ = browser_page
+    names = json.loads((ROOT / "locales" / "zh" / "nodeDefs.json").read_text())[HELP_NODE]
+    set_locale(page, "zh")
+    try:
+        library = page.locator(".side-bar-panel")
+        page.evaluate("() => window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library')")
+        library.locator("input").first.fill(names["display_name"])
+        library.get_by_text(names["display_name"], exact=True).first.wait_for(timeout=30_000)
+        page.evaluate("() => window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library')")
+
+        doc_path, title, paragraph, picture = help_page("zh")
+        node_id, panel = open_node_help(page, HELP_NODE, doc_path)
+        check_help_shows(page, panel, title, paragraph, picture)
+        shown = page.evaluate("""(id) => { const node = window.app.graph.getNodeById(id);
+            return {title: node.title, inputs: Object.fromEntries(node.inputs.map((i) => [i.name, i.localized_name]))}; }""",
+                              node_id)
+        assert shown["title"] == names["display_name"]
+        assert shown["inputs"] == {name: names["inputs"][name]["name"] for name in shown["inputs"]}
+        page.evaluate("(id) => window.app.graph.remove(window.app.graph.getNodeById(id))", node_id)
+    finally:
+        set_locale(page, "en")
+    assert pack_problems(problems, f"/docs/{HELP_NODE}/en.md") == []

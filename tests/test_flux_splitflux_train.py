@@ -120,15 +120,108 @@ def test_a_mask_replaces_the_gate_and_is_recorded(host, loaded_flux, loras_dir, 
     assert config["method_settings"]["masked"] is True
 
 
-def test_the_8_gb_setting_trains_the_same_lora(host, loaded_flux, loras_dir):
-    """Gradient checkpointing of the single blocks (memory '8 GB') recomputes what 'fastest'
-    keeps: the same files."""
+def test_each_memory_setting_trains_the_same_lora(host, loaded_flux, loras_dir, monkeypatch):
+    """'fastest' on FLUX.1 recomputes the first 26 single blocks (so 1024 px fits a 24 GB card),
+    '8 GB' every single block and the final layer; both train what keeping everything trains:
+    the same files."""
     import safetensors.torch
 
-    train(host, loaded_flux, "sf/fast", steps=2, memory="fastest")
-    train(host, loaded_flux, "sf/small", steps=2, memory="8 GB")
+    gradient_checkpointing = host.pack("training.gradient_checkpointing")
+    memory = host.pack("training.memory")
+    transformer = loaded_flux.model.diffusion_model
+    recomputed = {}
+    real_checkpointed, real_recomputed_layers = gradient_checkpointing.checkpointed, memory.recomputed_layers
+
+    def recording(name):
+        def checkpointed(layers):
+            recomputed[name] = list(layers)
+            return real_checkpointed(layers)
+        return checkpointed
+
+    for name, setting in (("none", "fastest"), ("fast", "fastest"), ("small", "8 GB")):
+        with monkeypatch.context() as patch:
+            patch.setattr(gradient_checkpointing, "checkpointed", recording(name))
+            if name == "none":
+                patch.setattr(memory, "recomputed_layers", lambda setting, method: 0)
+            train(host, loaded_flux, f"sf/{name}", steps=2, memory=setting)
+    assert memory.recomputed_layers is real_recomputed_layers
+    assert recomputed["none"] == []
+    assert recomputed["fast"] == list(transformer.single_blocks[:26])
+    assert recomputed["small"] == [*transformer.single_blocks, transformer.final_layer]
     for role in ("content", "style"):
-        fast = safetensors.torch.load_file(loras_dir / "sf" / f"fast_{role}.safetensors")
-        small = safetensors.torch.load_file(loras_dir / "sf" / f"small_{role}.safetensors")
-        for key, value in fast.items():
-            torch.testing.assert_close(small[key], value, rtol=1e-5, atol=1e-7)
+        kept = safetensors.torch.load_file(loras_dir / "sf" / f"none_{role}.safetensors")
+        for name in ("fast", "small"):
+            trained = safetensors.torch.load_file(loras_dir / "sf" / f"{name}_{role}.safetensors")
+            for key, value in kept.items():
+                torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+
+
+def test_previews_every_n_steps_reach_the_progress_bar_and_change_nothing(host, loaded_flux, loras_dir):
+    """``preview_every`` on FLUX: a few Euler steps along the flow, shown through the host's
+    latent previewer at steps 2 and 3 of 3; the trained files are those of a run without them."""
+    import comfy.utils
+    import safetensors.torch
+
+    previews = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: preview is not None and previews.append((value, preview)))
+    try:
+        train(host, loaded_flux, "sf/previewed", preview_every=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert [value for value, _ in previews] == [2, 3]
+    kind, image, size = previews[0][1]
+    assert kind == "JPEG" and image.size == (8, 8) and size == 512
+    assert image.getextrema() != ((0, 0), (0, 0), (0, 0))
+    train(host, loaded_flux, "sf/plain")
+    for role in ("content", "style"):
+        previewed = safetensors.torch.load_file(loras_dir / "sf" / f"previewed_{role}.safetensors")
+        plain = safetensors.torch.load_file(loras_dir / "sf" / f"plain_{role}.safetensors")
+        assert all(torch.equal(previewed[k], plain[k]) for k in plain), role
+
+
+def test_the_flow_preview_sampler_lands_on_the_image_of_a_straight_flow(host):
+    """A model that knows the image x0 predicts the velocity (x - x0) / sigma (noise - x0 on the
+    straight path); Euler steps along a straight path are exact, so the sample is x0."""
+    preview = host.pack("training.preview")
+    x0 = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    sigmas_seen = []
+
+    def predict(latent, sigma, index):
+        sigmas_seen.append(float(sigma[0]))
+        return (latent - x0) / sigma[0]
+
+    sample = preview.sample(predict, x0.shape, torch.empty(0), 4, 0, "flow")
+    torch.testing.assert_close(sample, x0, rtol=1e-5, atol=1e-5)
+    assert sigmas_seen == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_fp8_weights_train_what_their_values_train_and_stay_fp8(host, loaded_flux, loras_dir):
+    """FLUX.1 as Load Diffusion Model loads it with weight_dtype fp8_e4m3fn: fp8 weights computed
+    in a wider dtype (the host's manual-cast layers). Training reads them through the host's
+    casts: the files equal those trained on an fp32 model holding the same (fp8-rounded) values,
+    and the fp8 model is left as it was."""
+    import safetensors.torch
+
+    from devkit import tiny_flux
+
+    with torch.inference_mode():
+        fp8 = tiny_flux.build_tiny_flux(dtype=torch.float8_e4m3fn, manual_cast_dtype=torch.float32)
+        rounded = tiny_flux.build_tiny_flux()
+        rounded.model.diffusion_model.load_state_dict(
+            {k: v.float() for k, v in fp8.model.diffusion_model.state_dict().items()})
+    linear1 = fp8.model.diffusion_model.single_blocks[0].linear1
+    assert linear1.weight.dtype == torch.float8_e4m3fn and fp8.model.manual_cast_dtype == torch.float32
+    before = tiny_flux.transformer_weights(fp8)
+    train(host, fp8, "sf/fp8", steps=2)
+    train(host, rounded, "sf/rounded", steps=2)
+    after = tiny_flux.transformer_weights(fp8)
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k].float(), before[k].float()) for k in before)
+    for role in ("content", "style"):
+        trained = safetensors.torch.load_file(loras_dir / "sf" / f"fp8_{role}.safetensors")
+        reference = safetensors.torch.load_file(loras_dir / "sf" / f"rounded_{role}.safetensors")
+        assert trained.keys() == reference.keys()
+        assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k or "lora_up" in k)
+        for key, value in reference.items():
+            torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-7, msg=key)

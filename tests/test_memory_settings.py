@@ -34,7 +34,7 @@ def one_step_gradients(host, model, checkpointed: bool):
     x0 = host_training.training_latents(model, latents)
     conditionings = host_training.conditioning_per_image(model, positive, 1)
     with host_training.training_model(model, adapters, adapters.weight_wrappers(),
-                                      checkpoint_backward_path=checkpointed) as (clone, device):
+                                      recomputed_layers=None if checkpointed else 0) as (clone, device):
         predict = host_training.unet_predict(clone, conditionings, device)
         draw = diffusion.draw_step(3, 0, 1, x0.shape)
         loss = diffusion.denoising_loss(predict, x0, draw, host_training.noise_schedule(clone))

@@ -31,7 +31,7 @@ def test_an_unsourced_number_is_found():
 @pytest.mark.parametrize("method", TRAINED, ids=lambda m: m.key)
 def test_every_trained_method_has_its_own_memory_peaks(method):
     from blora_pack.training import memory
-    assert set(method.memory_peak_gib) == set(memory.CHECKPOINTED)
+    assert set(method.memory_peak_gib) == set(memory.RESOLVED)
     others = [m for m in TRAINED if m is not method and m.layers != method.layers]
     assert all(dict(m.memory_peak_gib) != dict(method.memory_peak_gib) for m in others)
 

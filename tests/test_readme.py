@@ -143,3 +143,21 @@ def test_supported_hosts_agree_everywhere():
     assert minimum == ">=" + min(tested, key=lambda v: tuple(map(int, v.split("."))))
     for version in tested:
         assert f"ComfyUI {version}" in README, f"the README names the tested host {version}"
+
+
+def test_links_and_pictures_name_files_the_pack_ships():
+    """Every link and picture to a file of the pack names one that exists; every shipped
+    workflow has its editor screenshot in the README (``tools/screenshot_workflows``); no picture
+    in docs/images is left that nothing shows."""
+    from tools import screenshot_workflows
+
+    targets = {t for t in re.findall(r"\]\(([^)#\s]+)\)", README) if "://" not in t}
+    assert targets
+    for target in targets:
+        assert (PACK_ROOT / target).exists(), f"the README links to {target}, which the pack lacks"
+    for workflow, picture in screenshot_workflows.pictures().items():
+        assert picture.relative_to(PACK_ROOT).as_posix() in targets, \
+            f"{workflow.name} has no screenshot in the README: run python -m tools.screenshot_workflows"
+    shown = README + (PACK_ROOT / "pyproject.toml").read_text()
+    unused = [p.name for p in screenshot_workflows.IMAGES.iterdir() if f"docs/images/{p.name}" not in shown]
+    assert not unused, f"pictures nothing shows: {unused}"

@@ -20,14 +20,26 @@ ADDS_TO_ITS_INPUT = ("SingleStreamBlock",)
 checkpointed one must run on a copy, or its recomputation in backward reads the changed input."""
 
 
-def _checkpointed_forward(forward, copy_input: bool = False):
+def checkpointed_function(layer: torch.nn.Module, forward):
+    """What checkpointing runs for ``layer``: its ``forward``, on a copy of its first input for a
+    layer that adds to it in place (the copy is then that layer's output, one more tensor per
+    checkpointed layer, which ``bench/memory_estimate.py`` counts too)."""
+    if type(layer).__name__ not in ADDS_TO_ITS_INPUT:
+        return forward
+
     def on_a_copy(inputs, *args, **kwargs):
         return forward(inputs.clone(), *args, **kwargs)
+
+    return on_a_copy
+
+
+def _checkpointed_forward(layer: torch.nn.Module):
+    forward, function = layer.forward, checkpointed_function(layer, layer.forward)
 
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(on_a_copy if copy_input else forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -40,7 +52,7 @@ def checkpointed(layers: list[torch.nn.Module]):
         for layer in layers:
             if "forward" in vars(layer):
                 raise RuntimeError(f"{type(layer).__name__} already has its forward replaced; not checkpointing it twice.")
-            layer.forward = _checkpointed_forward(layer.forward, type(layer).__name__ in ADDS_TO_ITS_INPUT)
+            layer.forward = _checkpointed_forward(layer)
             patched.append(layer)
         yield
     finally:

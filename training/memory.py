@@ -1,6 +1,8 @@
 """The trainers' memory settings: what each does, and how ``auto`` picks one.
 
-- ``fastest``: the whole fp16 UNet resident, activations kept for backward (no recomputation).
+- ``fastest``: the whole fp16 UNet resident, activations kept for backward (no recomputation);
+  on FLUX.1 all but the first single blocks' (the method's ``fastest_recomputes``), so that
+  1024 px fits a 24 GB card.
 - ``8 GB``: the same weights, with gradient checkpointing of every layer backward traverses
   (``gradient_checkpointing.backward_path_layers``): activations are recomputed in backward
   instead of kept, for about one more forward pass of those layers per step.
@@ -19,8 +21,8 @@ from typing import Mapping
 
 AUTO, FASTEST, EIGHT_GB = "auto", "fastest", "8 GB"
 SETTINGS = (AUTO, FASTEST, EIGHT_GB)
-CHECKPOINTED = {FASTEST: False, EIGHT_GB: True}
-"""Whether a (resolved) setting checkpoints the backward path; fastest first, smallest last."""
+RESOLVED = (FASTEST, EIGHT_GB)
+"""The settings training runs with, fastest first, smallest last."""
 
 MARGIN_GIB = 0.8
 """CUDA context and allocator fragmentation, on top of the estimated peak."""
@@ -52,7 +54,7 @@ def smaller_after_oom(chosen: str, resolved: str) -> str | None:
     """The setting to go on with when ``resolved`` ran out of GPU memory: the next smaller one,
     only when the user left the choice to ``auto`` (a setting chosen by hand is kept, and the
     error says what to pick instead)."""
-    order = list(CHECKPOINTED)
+    order = list(RESOLVED)
     if chosen != AUTO or order.index(resolved) == len(order) - 1:
         return None
     return order[order.index(resolved) + 1]
@@ -63,3 +65,12 @@ def out_of_memory_advice(resolved: str) -> str:
         return f"Set memory to '{EIGHT_GB}' (or 'auto', which moves to it by itself)."
     return ("This is the smallest setting: close other programs using the GPU, or train on a smaller image; "
             "a checkpoint of the last completed step is kept, so run again with resume on.")
+
+
+def recomputed_layers(setting: str, method) -> int | None:
+    """How many layers of the backward path (``gradient_checkpointing.backward_path_layers``),
+    from its first, recompute their activations in backward under a resolved ``setting`` for
+    ``method`` (its registry record): None for every one."""
+    if setting not in RESOLVED:
+        raise ValueError(f"memory {setting!r} is not a resolved setting {RESOLVED}.")
+    return None if setting == EIGHT_GB else method.fastest_recomputes
