@@ -6,12 +6,11 @@ reference as the official recipe runs it in diffusers + peft (DDPMScheduler nois
 forward, eps-MSE, backward, clip 1.0, AdamW). Rounds alternate so both see the same machine
 state; the median step time of each is reported with the ratio pack / reference (goal <= 1.0).
 
-    python -m bench.cpu_train_step [--size 32] [--steps 20] [--rounds 3]
+    python -m bench.cpu_train_step [--size 32] [--steps 20] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -83,11 +82,8 @@ def reference_runner(host, model, latents, positive, rank, steps):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32, help="latent size (32 = a 256 px image)")
+    parser = report.arguments(__doc__, size=32, steps=20, size_help="latent size (32 = a 256 px image)")
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     host = bench_host.start_found_host()
@@ -99,11 +95,9 @@ def main() -> None:
                  {"pooled_output": torch.randn(1, tiny_models.POOLED_DIM, generator=generator)}]]
     runners = {"pack": pack_runner(host, model, latents, positive, args.rank, args.steps + 2),
                "reference": reference_runner(host, model, latents, positive, args.rank, args.steps + 2)}
-    samples = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, run in runners.items():
-            samples[name] += run()[2:]  # the first steps of a round warm caches up
-    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, rank {args.rank}, fp32, {args.rounds} x {args.steps} steps each", "goal <= 1.0")
+    samples = report.alternate(runners, args.rounds, warmup=2)
+    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, rank {args.rank}, fp32, "
+                       f"{args.rounds} x {args.steps} steps each", "goal <= 1.0", args.json)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ runs as ``fastest`` (``pack``) and as the node's ``memory`` = ``8 GB`` (``pack-8
 checkpointing of every layer backward runs through). Rounds alternate; the median step time of
 each side is reported with the ratios.
 
-    python -m bench.cpu_unzip_step [--size 16] [--steps 12] [--rounds 3]
+    python -m bench.cpu_unzip_step [--size 16] [--steps 12] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -24,11 +23,7 @@ from devkit import tiny_models
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = report.arguments(__doc__, size=16, steps=12).parse_args()
     host = bench_host.start_found_host()
     from devkit import unziplora_reference as fidelity
 
@@ -82,11 +77,9 @@ def main() -> None:
         return [(time.perf_counter() - start) / args.steps]
 
     sides = {"pack": pack_side(0), "pack-8gb": pack_side(None), "reference": reference_side}
-    samples = {name: [] for name in sides}
-    for _ in range(args.rounds):
-        for name, run in sides.items():
-            samples[name] += run()
-    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32", "")
+    samples = report.alternate(sides, args.rounds)
+    report.print_ratio(samples, f"tiny SDXL UNet, latent {args.size}x{args.size}, two rank-64 LoRAs on {len(layers)} layers, fp32",
+                       "", args.json)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,14 @@ no GPU, fp32 there): the test suite uses it to keep this script working between 
 ``--size narrow`` keeps every layer of SDXL at a tenth of its widths: on a CPU its step time is
 mostly per-operation overhead (Python, dispatch), which a GPU step at 1024 px may also be bound by.
 
-    python -m bench.gpu_train_step [--size full|narrow|tiny] [--steps 10] [--rounds 3]
+``--model flux``: SplitFlux on FLUX.1-dev's full-size transformer (random weights built by the
+host, bf16 on the GPU) at 1024 x 1024 with 256 text tokens per prompt (what ComfyUI's T5 gives
+FLUX.1), the sides of ``bench/splitflux_sides.py``: ``pack`` (the job Train SplitFlux trains,
+bf16 autocast, fused AdamW), ``pack-8gb`` (memory ``8 GB``) and ``reference`` (the paper's
+equations on diffusers' FLUX transformer with the same weights, bf16 autocast, AdamW); ``--size
+narrow`` / ``tiny`` as for SDXL (FLUX.1 at 1/16 of its widths, the tiny FLUX).
+
+    python -m bench.gpu_train_step [--model sdxl|flux] [--size full|narrow|tiny] [--steps 10] [--rounds 3]
                                    [--only pack,reference] [--compile] [--json out.json]
 """
 
@@ -43,7 +50,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import splitflux_sides
 from devkit import host as bench_host
+from devkit import tiny_flux
 
 SDXL_UNET_CONFIG = {
     "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
@@ -59,6 +68,12 @@ SIZES = {
     "narrow": "SDXL's layers at 1/10 of its widths",
     "tiny": "tiny SDXL-architecture UNet",
 }
+FLUX_SIZES = {
+    "full": ("FLUX.1-dev transformer", tiny_flux.FLUX1_DEV_CONFIG, 256),
+    "narrow": ("FLUX.1's blocks at 1/16 of its widths", tiny_flux.NARROW_FLUX_CONFIG, 32),
+    "tiny": ("tiny FLUX.1-architecture transformer", tiny_flux.TINY_FLUX_CONFIG, tiny_flux.TEXT_TOKENS),
+}
+"""``--model flux``'s sizes: what it is, its ``unet_config``, text tokens per prompt."""
 RANK = 64
 OFFICIAL_TIME_IDS = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]
 SDXL_VAE_SCALE = 0.13025
@@ -72,18 +87,28 @@ class Setup:
 
     device: torch.device
     size: str = "full"
+    model: str = "sdxl"
+    """``sdxl`` (B-LoRA) or ``flux`` (SplitFlux)."""
 
     @property
     def latent(self) -> int:
-        return 128 if self.size == "full" else 16
+        return 128 if self.size == "full" else 8 if (self.model, self.size) == ("flux", "tiny") else 16
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.device.type == "cuda" else "fp32"
+        if self.device.type != "cuda":
+            return "fp32"
+        return "bf16" if self.model == "flux" else "fp16"
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float16 if self.device.type == "cuda" else torch.float32
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+
+    @property
+    def describe(self) -> str:
+        if self.model == "flux":
+            return f"{FLUX_SIZES[self.size][0]}, SplitFlux (114 layers), {self.precision}, latent {self.latent}x{self.latent}"
+        return f"{SIZES[self.size]}, {self.precision}, latent {self.latent}x{self.latent}, rank {RANK}"
 
     @property
     def context_dim(self) -> int:
@@ -366,11 +391,8 @@ class ReferenceRecipe:
 REFERENCE_VARIANTS = {"reference": False, "reference-vae-every-step": True}
 
 
-def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int) -> dict[str, dict]:
-    """Every side in turn, ``rounds`` times over, so that each sees the machine in the same
-    states; per side the median step after each round's ``warmup``, the first step of the first
-    round (torch.compile's time shows there) and the highest peak memory."""
-    host = bench_host.start_found_host(cpu=setup.device.type != "cuda")
+def sdxl_runners(setup: Setup, host, names: list[str]):
+    """``({side: run(n)}, notes)``: ``notes()`` gives lines to print after the rounds."""
     model = build_unet(setup)
     reference = None
     runners = {}
@@ -380,6 +402,41 @@ def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int
             runners[name] = reference.runner(REFERENCE_VARIANTS[name])
         else:
             runners[name] = pack_runner(setup, host, model, PACK_VARIANTS[name])
+    return runners, list
+
+
+def flux_runners(setup: Setup, host, names: list[str]):
+    """SplitFlux's sides on a FLUX.1 transformer of ComfyUI's built on the device, as ``sdxl_runners``."""
+    _, config, tokens = FLUX_SIZES[setup.size]
+    model = tiny_flux.build_flux(config, dtype=setup.dtype, device=setup.device)
+    latent = torch.randn(1, tiny_flux.LATENT_CHANNELS, setup.latent, setup.latent, generator=torch.Generator().manual_seed(0))
+    bench = splitflux_sides.SplitFluxBench(host, model, latent, tokens, setup.precision,
+                                           measure=lambda run_steps, n: timed(setup, run_steps, n))
+    runners = {name: bench.runner(name) for name in names}
+
+    def notes() -> list[str]:
+        if "reference" not in names or len(names) < 2:
+            return []
+        return [f"the same computation: the sides' losses at each step differ by at most "
+                f"{bench.loss_difference():.1e} (relative)"]
+
+    return runners, notes
+
+
+def side_names(model: str, compiled: bool) -> tuple[list[str], list[str]]:
+    """Every side of ``model``'s benchmark, and those run by default."""
+    if model == "flux":
+        return list(splitflux_sides.SIDES), list(splitflux_sides.SIDES)
+    every = [*REFERENCE_VARIANTS, *PACK_VARIANTS]
+    return every, [n for n in every if n != "pack-compiled" or compiled]
+
+
+def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int) -> dict[str, dict]:
+    """Every side in turn, ``rounds`` times over, so that each sees the machine in the same
+    states; per side the median step after each round's ``warmup``, the first step of the first
+    round (torch.compile's time shows there) and the highest peak memory."""
+    host = bench_host.start_found_host(cpu=setup.device.type != "cuda")
+    runners, notes = (flux_runners if setup.model == "flux" else sdxl_runners)(setup, host, names)
     samples = {name: [] for name in names}
     first_step, peak = {}, {}
     for round_number in range(rounds):
@@ -389,6 +446,8 @@ def run_all(setup: Setup, names: list[str], steps: int, warmup: int, rounds: int
             samples[name] += times[warmup:]
             peak[name] = None if peak_gb is None else max(peak_gb, peak.get(name) or 0.0)
         print(f"  round {round_number + 1}/{rounds} done", flush=True)
+    for line in notes():
+        print(line)
     results = {}
     for name, values in samples.items():
         median = statistics.median(values)
@@ -405,7 +464,7 @@ def describe_machine(setup: Setup) -> str:
 def table(results: dict[str, dict]) -> list[str]:
     """Markdown rows for BENCHMARKS.md: speed-up is against ``reference`` when it ran."""
     reference = results.get("reference", {}).get("ms")
-    rows = ["| side | ms/step (= s per 1000 steps) | first step (s) | peak beyond UNet (GB) | speed-up vs reference |",
+    rows = ["| side | ms/step (= s per 1000 steps) | first step (s) | peak beyond the model (GB) | speed-up vs reference |",
             "|---|---|---|---|---|"]
     for name, r in results.items():
         peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
@@ -424,23 +483,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--size", choices=SIZES, default="full",
                         help="narrow or tiny also run on the CPU: narrow to compare per-operation overhead, tiny to smoke-test")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--model", choices=("sdxl", "flux"), default="sdxl",
+                        help="sdxl: B-LoRA on SDXL's UNet; flux: SplitFlux on FLUX.1-dev's transformer")
     args = parser.parse_args(argv)
-    all_names = [*REFERENCE_VARIANTS, *PACK_VARIANTS]
-    names = args.only.split(",") if args.only else [n for n in all_names if n != "pack-compiled" or args.compile]
+    all_names, default_names = side_names(args.model, args.compile)
+    names = args.only.split(",") if args.only else default_names
     unknown = [n for n in names if n not in all_names]
     if unknown:
         parser.error(f"unknown side(s) {unknown}; choose from {all_names}")
     if not torch.cuda.is_available() and args.size == "full":
         sys.exit("needs a CUDA GPU (or --size narrow / tiny on the CPU)")
-    setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.size)
-    print(f"{describe_machine(setup)}; {SIZES[args.size]}, {setup.precision}, latent {setup.latent}x{setup.latent}, rank {RANK}, "
-          f"median of {args.rounds} x {args.steps} steps, each round after {args.warmup}")
+    setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.size, args.model)
+    print(f"{describe_machine(setup)}; {setup.describe}, median of {args.rounds} x {args.steps} steps, "
+          f"each round after {args.warmup}")
     results = run_all(setup, names, args.steps, args.warmup, args.rounds)
     print("\n".join(table(results)))
-    if "pack" in results and "reference" in results:
+    if "pack" in results and "reference" in results and args.model == "sdxl":
         print("goal: >= 2.5x the reference, 1000 steps < 60 s on an H100, < 12 GB beyond the UNet")
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe_machine(setup), "size": args.size, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": describe_machine(setup), "model": args.model, "size": args.size,
+                                         "results": results}, indent=2))
     return results
 
 

@@ -1,6 +1,6 @@
 """SplitFlux written from the paper's equations on the diffusers FLUX twin (``tiny_flux``), with
 forward hooks, independently of the pack's code: the reference ``tests/test_flux_splitflux.py``
-holds the pack to.
+holds the pack to, and the one the SplitFlux benchmarks time it against (``bench/splitflux_sides.py``).
 
 - q/k/v of ``single_transformer_blocks.i.attn`` (diffusers' separate projections):
   content (i in 0-9): ``y_n += g_n B A x_n + (1 - g_n) D C x_n``, g_n = sigmoid((||x_n|| - mu) / sigma)
@@ -29,6 +29,28 @@ def group(index: int) -> str:
     return "content" if index < 10 else "rca" if index < 12 else "style"
 
 
+def factors_of(trained) -> dict:
+    """The factors :class:`Reference` starts from: copies of the pack's trained layers' (``items()``:
+    ``((single_blocks.i, projection), layer)``), every adapter of each as a (down, up) leaf pair."""
+    factors = {}
+    for (block, projection), layer in trained.items():
+        factors[(int(block.split(".")[1]), projection)] = {
+            adapter: tuple(f.detach().clone().requires_grad_(True) for f in layer.factors(adapter))
+            for adapter in layer.lora_A}
+    return factors
+
+
+def training_sigmas() -> torch.Tensor:
+    """``FlowMatchEulerDiscreteScheduler``'s training table (timesteps / 1000) as FLUX.1-dev
+    configures it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return scheduler.timesteps / 1000
+
+
 class Reference:
     """``factors[(i, projection)]``: dict adapter -> (down, up) leaf tensors (requires grad)."""
 
@@ -40,6 +62,7 @@ class Reference:
         self.capturing = False
         self.style_text: dict[int, torch.Tensor] = {}
         self.handles = []
+        self.sigmas = training_sigmas()
         for index, block in enumerate(twin.single_transformer_blocks):
             for projection in ("to_q", "to_k", "to_v"):
                 self.handles.append(getattr(block.attn, projection).register_forward_hook(self._lora(index, projection)))
@@ -53,7 +76,7 @@ class Reference:
             if group(index) == "content":
                 norms = x[:, self.text_tokens:].detach().norm(dim=-1)
                 gate = torch.sigmoid((norms - norms.mean(1, keepdim=True)) / norms.std(1, keepdim=True, correction=0))
-                gate = torch.cat([torch.ones(x.shape[0], self.text_tokens), gate], 1)[..., None]
+                gate = torch.cat([torch.ones(x.shape[0], self.text_tokens).to(gate), gate], 1)[..., None]
                 (a, b), (c, d) = f["main"], f["residual"]
                 return output + gate * (x @ a.t() @ b.t()) + (1 - gate) * (x @ c.t() @ d.t())
             (a, b), = f.values()
@@ -79,12 +102,7 @@ class Reference:
 
     def loss(self, latent, noise, index, content, style) -> torch.Tensor:
         """``content``/``style``: (context, pooled, guidance); ``index``: the draw's table index."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                    max_image_seq_len=4096)
-        sigma = (scheduler.timesteps[index] / 1000).reshape(1).float()
+        sigma = self.sigmas[index].reshape(1).float().to(latent.device)
         x0 = (latent - FLUX_SHIFT) * FLUX_SCALE
         noisy = (1 - sigma) * x0 + sigma * noise
         if self.prompt_replacement:

@@ -60,6 +60,12 @@ FLUX1_DEV_CONFIG = dict(TINY_FLUX_CONFIG, vec_in_dim=768, context_in_dim=4096, h
 """The full-size FLUX.1-dev ``unet_config``: what ComfyUI's ``model_detection`` derives from the
 checkpoint, fields left at their defaults omitted."""
 
+NARROW_FLUX_CONFIG = dict(FLUX1_DEV_CONFIG, vec_in_dim=768 // 16, context_in_dim=4096 // 16, hidden_size=3072 // 16,
+                          axes_dim=[2, 2, 4])
+"""FLUX.1-dev's every block (19 double, 38 single, 24 heads each) at 1/16 of its widths (hidden
+192, heads of 8, text and pooled inputs 256 and 48): as many operations as FLUX.1 for little
+arithmetic, what a CPU benchmark of the per-operation cost runs (``bench/cpu_splitflux_step.py``)."""
+
 CONTEXT_DIM = TINY_FLUX_CONFIG["context_in_dim"]
 POOLED_DIM = TINY_FLUX_CONFIG["vec_in_dim"]
 HIDDEN_SIZE = TINY_FLUX_CONFIG["hidden_size"]
@@ -88,39 +94,55 @@ def flux_model_config(config: dict = TINY_FLUX_CONFIG, dtype: torch.dtype = torc
     return model_config
 
 
-def seeded_flux_weights(transformer: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic weights, the same on every host: fan-in scaled normals for matrices, 1 + noise
-    for norm scales, small noise for biases. ComfyUI 0.3.64 names the q/k RMSNorm scales
-    ``*_norm.scale`` and 0.33 ``*_norm.weight``; both are norm scales here (a bias-like near-zero
-    scale would flatten every attention map and hide position and q/k errors)."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, param in transformer.state_dict().items():
+def seeded_values(module: torch.nn.Module, seed: int = 0, device: torch.device | str = "cpu"):
+    """``(name, value)`` for every entry of ``module``'s state dict, in order, one at a time from
+    a generator on ``device``: fan-in scaled normals for matrices, 1 + noise for norm scales, small
+    noise for biases. ComfyUI 0.3.64 names the q/k RMSNorm scales ``*_norm.scale`` and 0.33
+    ``*_norm.weight``; both are norm scales here (a bias-like near-zero scale would flatten every
+    attention map and hide position and q/k errors)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, param in module.state_dict().items():
+        noise = torch.randn(param.shape, generator=generator, device=device)
         if param.ndim >= 2:
-            weights[name] = torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5
+            yield name, noise / param[0].numel() ** 0.5
         elif name.endswith((".weight", "_norm.scale")):
-            weights[name] = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
+            yield name, 1.0 + 0.1 * noise
         else:
-            weights[name] = 0.02 * torch.randn(param.shape, generator=generator)
-    return weights
+            yield name, 0.02 * noise
 
 
-def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
-    """A ComfyUI ModelPatcher around a tiny ``model_base.Flux`` with fixed-seed weights (the
-    host's layers skip initialisation, so every parameter is set here). Under
-    ``torch.inference_mode()`` its weights are inference tensors, as a checkpoint loader's are.
-    (ComfyUI's loader cannot read the tiny model's config from its weights: it takes FLUX's head
-    size of 128 as given.)"""
+def seeded_flux_weights(transformer: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic weights, the same on every host (``seeded_values`` on the CPU)."""
+    return dict(seeded_values(transformer, seed))
+
+
+def build_flux(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+               manual_cast_dtype: torch.dtype | None = None):
+    """A ComfyUI ModelPatcher around ``model_base.Flux`` of ``config`` with fixed-seed weights (the
+    host's layers skip initialisation, so every parameter is set here), in ``dtype`` (computed in
+    ``manual_cast_dtype`` when given), built on ``device`` (the CPU when None) and its weights
+    drawn there one at a time. Under ``torch.inference_mode()`` its weights are inference tensors,
+    as a checkpoint loader's are. (ComfyUI's loaders cannot read a narrow model's config from its
+    weights: they take FLUX's head size of 128 as given.)"""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
 
-    model = comfy.model_base.Flux(flux_model_config(TINY_FLUX_CONFIG, dtype, manual_cast_dtype))
-    transformer = model.diffusion_model
-    transformer.load_state_dict({k: v.to(dtype) for k, v in seeded_flux_weights(transformer, seed).items()})
+    device = torch.device(device or "cpu")
+    with device:
+        model = comfy.model_base.Flux(flux_model_config(config, dtype, manual_cast_dtype), device=device)
+    state = model.diffusion_model.state_dict()  # the parameters' own storage
+    with torch.no_grad():
+        for name, value in seeded_values(model.diffusion_model, seed, device):
+            state[name].copy_(value)
     return comfy.model_patcher.ModelPatcher(
         model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
     )
+
+
+def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
+    """The tiny FLUX (``TINY_FLUX_CONFIG``) as a ComfyUI ModelPatcher: ``build_flux``."""
+    return build_flux(TINY_FLUX_CONFIG, seed, dtype, manual_cast_dtype=manual_cast_dtype)
 
 
 def tiny_flux_vae(seed: int = 0):
@@ -154,14 +176,16 @@ def swap_flux_loaders_for_tiny(prompt: dict) -> dict:
     return prompt
 
 
-def tiny_flux_conditioning(text: str, guidance: float | None = DEFAULT_GUIDANCE, tokens: int = TEXT_TOKENS):
+def tiny_flux_conditioning(text: str, guidance: float | None = DEFAULT_GUIDANCE, tokens: int = TEXT_TOKENS,
+                           config: dict = TINY_FLUX_CONFIG):
     """A fixed-seed CONDITIONING of FLUX's layout for ``text`` (T5 tokens (1, tokens, 32), CLIP
-    pooled (1, 8), FLUX.1-dev's distilled guidance), as ``CLIPTextEncodeFlux`` makes it; equal
-    texts, equal conditioning. ``guidance=None`` is what ``FluxDisableGuidance`` sets."""
+    pooled (1, 8) for the tiny FLUX; ``config``'s widths for another), FLUX.1-dev's distilled
+    guidance, as ``CLIPTextEncodeFlux`` makes it; equal texts, equal conditioning.
+    ``guidance=None`` is what ``FluxDisableGuidance`` sets."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
     generator = torch.Generator().manual_seed(seed)
-    context = torch.randn(1, tokens, CONTEXT_DIM, generator=generator)
-    pooled = torch.randn(1, POOLED_DIM, generator=generator)
+    context = torch.randn(1, tokens, config["context_in_dim"], generator=generator)
+    pooled = torch.randn(1, config["vec_in_dim"], generator=generator)
     return [[context, {"pooled_output": pooled, "guidance": guidance}]]
 
 
@@ -222,8 +246,9 @@ def diffusers_weights(comfy_weights: dict[str, torch.Tensor], unet_config: dict,
     return weights
 
 
-def diffusers_flux_from(model_patcher):
-    """A diffusers ``FluxTransformer2DModel`` holding the same weights as the ComfyUI model."""
+def diffusers_flux_from(model_patcher, dtype: torch.dtype = torch.float32):
+    """A diffusers ``FluxTransformer2DModel`` holding copies of the ComfyUI model's weights, in
+    ``dtype``, on the device they are on."""
     from diffusers import FluxTransformer2DModel
 
     unet_config = model_patcher.model.model_config.unet_config
@@ -245,7 +270,8 @@ def diffusers_flux_from(model_patcher):
         )
     comfy_weights = model_patcher.model.diffusion_model.state_dict()
     weights = diffusers_weights(comfy_weights, unet_config, set(transformer.state_dict()))
-    transformer.load_state_dict({k: v.detach().clone().float() for k, v in weights.items()}, strict=True, assign=True)
+    transformer.load_state_dict({k: v.detach().to(dtype, copy=True) for k, v in weights.items()}, strict=True,
+                                assign=True)
     return transformer.eval().requires_grad_(False)
 
 
@@ -291,8 +317,8 @@ def diffusers_flux_output(transformer, latent, sigma, context, pooled, guidance)
         encoder_hidden_states=context,
         pooled_projections=pooled,
         timestep=sigma,
-        img_ids=image_ids(height, width),
-        txt_ids=torch.zeros(context.shape[1], 3),
+        img_ids=image_ids(height, width).to(latent.device),
+        txt_ids=torch.zeros(context.shape[1], 3, device=latent.device),
         guidance=guidance,
     ).sample
     return unpack_latents(packed, height, width).float()

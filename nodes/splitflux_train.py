@@ -12,6 +12,7 @@ from ..core import flux_blocks
 from ..host import flux_lora, flux_training, training_run
 from ..methods.flux import SPLITFLUX
 from ..training import memory as memory_settings, splitflux
+from ..training.job import TrainingJob
 from ..training.trainer import PRECISIONS
 from .schema import (TrainingNode, discovery, preview_input, resume_input, role_file_outputs, seed_input,
                      training_output, training_schema)
@@ -81,22 +82,31 @@ class TrainSplitFlux(TrainingNode):
                                        complementary_weight=complementary_weight)
         files = training_run.output_files(lora_name, splitflux.ROLES, overwrite)  # a bad name: refused before any work
         with torch.inference_mode(False):
-            inputs = flux_training.FluxTrainingInputs.of_flux(
-                model, latents, positive, style_positive, LABEL, mask,
-                flux_blocks.STYLE_SINGLE_BLOCKS if prompt_replacement else ())
-            hidden = model.model.model_config.unet_config["hidden_size"]
-            paths = {f"{block}.linear1": None for block in SPLITFLUX.layers.blocks}
-            recorded = {**dataclasses.asdict(settings), "masked": mask is not None}
-            rank, learning_rate, alpha = PAPER.resolved(0, learning_rate)
-            config = inputs.config(SPLITFLUX, steps, learning_rate, rank, alpha, seed, precision,
-                                   checkpoint_every, paths, **recorded)
-            job = splitflux.splitflux_job(config, files, hidden, settings, prompt, inputs.layout)
+            inputs, job = training_job(model, latents, positive, style_positive, steps, learning_rate, seed,
+                                       precision, checkpoint_every, mask, settings, prompt, files)
             result = training_run.run(job, inputs, cls.hidden.unique_id if cls.hidden else None, resume, memory, LABEL,
                                       preview_every)
             trained = model
             for role in splitflux.ROLES:
                 trained = flux_lora.patched_clone(trained, job.lora_file(role)[0], 1.0, f"SplitFlux {role} LoRA")
         return training_output(NODE_ID, lora_name, job, result, trained)
+
+
+def training_job(model, latents, positive, style_positive, steps: int, learning_rate: float, seed: int,
+                 precision: str, checkpoint_every: int, mask, settings: splitflux.SplitFluxSettings, prompt: str,
+                 files) -> tuple[flux_training.FluxTrainingInputs, TrainingJob]:
+    """The node's inputs checked and the job it trains (``training_run.run``); also what the
+    SplitFlux benchmarks train (``bench/splitflux_sides.py``)."""
+    inputs = flux_training.FluxTrainingInputs.of_flux(
+        model, latents, positive, style_positive, LABEL, mask,
+        flux_blocks.STYLE_SINGLE_BLOCKS if settings.prompt_replacement else ())
+    hidden = model.model.model_config.unet_config["hidden_size"]
+    paths = {f"{block}.linear1": None for block in SPLITFLUX.layers.blocks}
+    recorded = {**dataclasses.asdict(settings), "masked": mask is not None}
+    rank, learning_rate, alpha = PAPER.resolved(0, learning_rate)
+    config = inputs.config(SPLITFLUX, steps, learning_rate, rank, alpha, seed, precision,
+                           checkpoint_every, paths, **recorded)
+    return inputs, splitflux.splitflux_job(config, files, hidden, settings, prompt, inputs.layout)
 
 
 NODES = [TrainSplitFlux]

@@ -34,12 +34,45 @@ def run_bench(script: str, *arguments: str) -> str:
 @pytest.mark.parametrize("script, arguments", [
     ("cpu_train_step.py", ["--size", "8", "--steps", "1", "--rounds", "1"]),
     ("cpu_unzip_step.py", ["--size", "8", "--steps", "1", "--rounds", "1"]),
+    ("cpu_splitflux_step.py", ["--size", "4", "--tokens", "4", "--steps", "1", "--rounds", "1"]),
 ])
-def test_cpu_benchmarks_print_their_ratio(host, script, arguments):
-    output = run_bench(script, *arguments)
+def test_cpu_benchmarks_print_their_ratio(host, script, arguments, tmp_path):
+    output = run_bench(script, *arguments, "--json", str(tmp_path / "result.json"))
     assert "ratio pack/reference:" in output and "machine:" in output
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["ratio"] > 0 and result["ratio"] == pytest.approx(result["ms"]["pack"] / result["ms"]["reference"])
     if script == "cpu_unzip_step.py":
         assert "pack-8gb:" in output and "ratio pack-8gb/pack:" in output, "the 8 GB setting's side"
+    if script == "cpu_splitflux_step.py":
+        assert "narrow FLUX.1" in output
+        assert same_computation(output) < 1e-4, "both sides train the same SplitFlux"
+
+
+def same_computation(output: str) -> float:
+    """The relative loss difference a SplitFlux benchmark prints (pack against reference, step by step)."""
+    (line,) = [line for line in output.splitlines() if line.startswith("the same computation:")]
+    return float(line.split("at most ")[1].split()[0])
+
+
+def test_the_narrow_flux_is_flux1_with_every_block_narrower(host):
+    """What the SplitFlux CPU benchmark runs: ComfyUI's FLUX.1-dev transformer module for module,
+    every weight's widths divided by 16 (the rope's per-axis split aside, which has no weights)."""
+    import comfy.model_base
+
+    from devkit import tiny_flux
+
+    def transformer(config):
+        return comfy.model_base.Flux(tiny_flux.flux_model_config(config), device="meta").diffusion_model
+
+    full, narrow = transformer(tiny_flux.FLUX1_DEV_CONFIG), transformer(tiny_flux.NARROW_FLUX_CONFIG)
+    assert [(n, type(m)) for n, m in full.named_modules()] == [(n, type(m)) for n, m in narrow.named_modules()]
+    full_shapes, narrow_shapes = full.state_dict(), narrow.state_dict()
+    assert list(full_shapes) == list(narrow_shapes) and len(full.single_blocks) == 38 and len(full.double_blocks) == 19
+    for name, weight in full_shapes.items():
+        ratios = {a // b for a, b in zip(weight.shape, narrow_shapes[name].shape) if a != b}
+        fixed = {"img_in", "final_layer.linear"}  # the latent's 64 channels in and out stay
+        assert ratios <= {16, 8} if name.startswith(tuple(fixed)) else ratios <= {16}, (name, weight.shape)
+    assert tiny_flux.NARROW_FLUX_CONFIG["num_heads"] == tiny_flux.FLUX1_DEV_CONFIG["num_heads"]
 
 
 def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
@@ -55,11 +88,27 @@ def test_gpu_benchmark_smoke_run_measures_every_side(host, tmp_path):
         assert f"| {name} |" in output
 
 
-def test_gpu_benchmark_refuses_unknown_sides():
+def test_gpu_benchmark_flux_smoke_run_measures_every_side(host, tmp_path):
+    """``--model flux`` (SplitFlux, pack against the equations on diffusers' FLUX) on the tiny FLUX."""
+    from bench import splitflux_sides
+
+    results_file = tmp_path / "results.json"
+    output = run_bench("gpu_train_step.py", "--model", "flux", "--size", "tiny", "--steps", "1", "--warmup", "1",
+                       "--rounds", "1", "--json", str(results_file))
+    recorded = json.loads(results_file.read_text())
+    assert recorded["model"] == "flux" and list(recorded["results"]) == list(splitflux_sides.SIDES)
+    for name, result in recorded["results"].items():
+        assert math.isfinite(result["ms"]) and result["ms"] > 0, name
+        assert f"| {name} |" in output
+    assert same_computation(output) < 1e-4, "pack, pack-8gb and the reference train the same SplitFlux"
+
+
+@pytest.mark.parametrize("arguments", [["--only", "pack,nonsense"], ["--model", "flux", "--only", "pack,pack-bf16"]])
+def test_gpu_benchmark_refuses_unknown_sides(arguments):
     from bench import gpu_train_step
 
     with pytest.raises(SystemExit):
-        gpu_train_step.main(["--size", "tiny", "--only", "pack,nonsense"])
+        gpu_train_step.main(["--size", "tiny", *arguments])
 
 
 def test_gpu_benchmark_variants_restore_what_they_change(host):

@@ -115,16 +115,6 @@ def _perturbed(job, seed=5):
     return {name: value.detach().clone() for name, value in job.trainable.state_dict().items()}
 
 
-def _reference_factors(job):
-    factors = {}
-    for (block, projection), layer in job.trainable.items():
-        index = int(block.split(".")[1])
-        factors[(index, projection)] = {
-            adapter: tuple(f.detach().clone().requires_grad_(True) for f in layer.factors(adapter))
-            for adapter in splitflux.GROUP_ADAPTERS[splitflux.group_of(block)]}
-    return factors
-
-
 @pytest.fixture(scope="module")
 def setup(host, tmp_path_factory):
     from devkit import tiny_flux
@@ -163,7 +153,7 @@ def test_one_step_loss_and_gradients_equal_the_equations(setup):
     host_training = setup["host"].pack("host.training")
     job = setup["make_job"](1)
     _perturbed(job)
-    reference = splitflux_reference.Reference(setup["twin"], _reference_factors(job),
+    reference = splitflux_reference.Reference(setup["twin"], splitflux_reference.factors_of(job.trainable),
                                               setup["content"][0][0].shape[1])
     inputs = setup["inputs"]
     draw = diffusion.draw_step(3, 0, 1, setup["latent"].shape)
@@ -199,7 +189,7 @@ def test_a_few_steps_give_the_equations_losses(setup):
     trainer = setup["host"].pack("training.trainer")
     job = setup["make_job"](3)
     _perturbed(job)
-    reference = splitflux_reference.Reference(setup["twin"], _reference_factors(job),
+    reference = splitflux_reference.Reference(setup["twin"], splitflux_reference.factors_of(job.trainable),
                                               setup["content"][0][0].shape[1])
     inputs = setup["inputs"]
     with inputs.training_context(), host_training.training_model(
