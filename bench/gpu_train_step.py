@@ -237,7 +237,7 @@ def pack_runner(setup: Setup, host, model, variant: PackVariant):
 
     def run(n):
         with contextlib.ExitStack() as stack:
-            recomputed = host.pack("training.memory").recomputed_layers(variant.memory, sdxl.B_LORA)
+            recomputed = host.pack("training.memory").recomputed_layers(variant.memory, sdxl.B_LORA, None)
             clone, device = stack.enter_context(host_training.training_model(model, adapters, adapters.weight_wrappers(),
                                                                              recomputed_layers=recomputed))
             stack.enter_context(attention_function(variant.attention))

@@ -239,7 +239,7 @@ def estimate(host, setup, method_key: str, setting: str) -> dict:
             F.mse_loss(prediction, latent)
 
     method = host.pack("methods").by_key(method_key)
-    layers = gradient_checkpointing.backward_path_layers(unet, trained)[:memory.recomputed_layers(setting, method)]
+    layers = gradient_checkpointing.backward_path_layers(unet, trained)[:memory.recomputed_layers(setting, method, 0.0)]
     with mock.patch.object(attention, "optimized_attention", flash_like_attention), \
             mock.patch.object(attention, "optimized_attention_masked", flash_like_attention):
         held = held_for_backward(host, forward, layers, parameter_storages(unet, trainable))
@@ -316,7 +316,8 @@ def estimate_flux(host, method_key: str, setting: str, latent_size: int = 128,
             AUTOCAST.dtype = torch.float16
 
     if setting is not None:
-        recomputed_layers = memory.recomputed_layers(setting, host.pack("methods").by_key(method_key))
+        # the plan on a card with no room to spare (free 0): what memory_peak_gib records
+        recomputed_layers = memory.recomputed_layers(setting, host.pack("methods").by_key(method_key), 0.0)
     layers = gradient_checkpointing.backward_path_layers(transformer, trained)[:recomputed_layers]
     with flux_training.in_training_flag(), mock.patch.object(flux_math, "optimized_attention", flux_attention):
         held = held_for_backward(host, forward, layers, parameter_storages(transformer, trainable))
@@ -335,8 +336,9 @@ GOALS_GIB = {("b-lora", "8 GB"): 7.0, ("b-lora", "fastest"): 12.0, ("unziplora",
 """The issues' goals: B-LoRA "8 GB" <= 7.0 GiB, "fastest" <= 12 GiB; UnZipLoRA's smallest <= 11 GiB;
 SplitFlux on FLUX.1-dev: smallest <= 16 GiB (a 16 GB card), fastest <= 24 GiB, taken here as
 22.0 so that ``auto`` (peak + 0.8 GiB) picks it on a 24 GB card with a display attached (about
-23 GiB free). Keeping every single block's activations needs 39.65 GiB, so SplitFlux's
-``fastest`` recomputes the first ``fastest_recomputes`` of them (``fewest_recomputed_layers``)."""
+23 GiB free). Keeping every single block's activations needs 39.65 GiB (``keep_all_peak_gib``),
+so on a GPU with less free SplitFlux's ``fastest`` recomputes the first ``fastest_recomputes`` of
+them (``fewest_recomputed_layers``)."""
 
 
 def fewest_recomputed_layers(host, method_key: str, goal_gib: float) -> int:

@@ -81,7 +81,7 @@ class SplitFluxBench:
             config = dataclasses.replace(job.config, steps=n)
             with inputs.training_context(), host_training.training_model(
                     inputs.model, job.trainable, job.weight_wrappers, job.module_wrappers,
-                    memory_settings.recomputed_layers(memory, job.method)) as (clone, device):
+                    memory_settings.recomputed_layers(memory, job.method, host_training.free_vram_gib())) as (clone, device):
                 predict = inputs.predictor(clone, device)
                 schedule = inputs.schedule(clone).to(device)
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -115,13 +116,18 @@ def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: b
     resume_state = None
     if resume:
         resume_state = _load_checkpoint(job)
-    setting, why = memory_settings.resolve(memory, job.method.memory_peak_gib, host_training.free_vram_gib(),
-                                           inputs.samples.shape[-1] * inputs.samples.shape[-2] * 64)
+    free_gib, pixels = host_training.free_vram_gib(), inputs.samples.shape[-1] * inputs.samples.shape[-2] * 64
+    setting, why = memory_settings.resolve(memory, job.method.memory_peak_gib, free_gib, pixels)
+    recompute = functools.partial(memory_settings.recomputed_layers, method=job.method, free_gib=free_gib,
+                                  pixels=pixels)
+    if setting == memory_settings.FASTEST and recompute(setting):
+        why += f"; the first {recompute(setting)} blocks backward runs through are recomputed to fit"
     logging.info("%s: %s", label, why)
     if resume_state is not None and resume_state.step == job.config.steps:
         state = resume_state  # Cancel landed after the last step: its checkpoint holds the whole run
     else:
-        state = _train_with_fallback(job, inputs, setting, why, memory, resume_state, node_id, label, preview_every)
+        state = _train_with_fallback(job, inputs, setting, why, memory, resume_state, node_id, label, preview_every,
+                                     recompute)
     if job.training_method is not None:
         job.training_method.finish()
     return _write(job, state)
@@ -143,7 +149,7 @@ def _load_checkpoint(job: TrainingJob) -> TrainingState:
     return state
 
 
-def _train_with_fallback(job, inputs, setting, why, memory, resume_state, node_id, label, preview_every):
+def _train_with_fallback(job, inputs, setting, why, memory, resume_state, node_id, label, preview_every, recompute):
     """Train with ``setting``; under ``auto``, go on with the next smaller setting if the GPU runs
     out of memory, from the failed attempt's checkpoint, else from the start."""
     can_fall_back = memory_settings.smaller_after_oom(memory, setting) is not None
@@ -152,7 +158,8 @@ def _train_with_fallback(job, inputs, setting, why, memory, resume_state, node_i
     saved_steps, note = [], f"memory {setting}"
     while True:
         try:
-            return _train(job, inputs, setting, resume_state, node_id, label, saved_steps.append, note, preview_every)
+            return _train(job, inputs, setting, resume_state, node_id, label, saved_steps.append, note, preview_every,
+                          recompute(setting))
         except torch.OutOfMemoryError as error:
             smaller = memory_settings.smaller_after_oom(memory, setting)
             if smaller is None:
@@ -174,7 +181,7 @@ def _train_with_fallback(job, inputs, setting, why, memory, resume_state, node_i
 
 def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state: TrainingState | None,
            node_id: str | None, label: str, on_saved: Callable[[int], None], note: str,
-           preview_every: int) -> TrainingState:
+           preview_every: int, recomputed_layers: int | None) -> TrainingState:
     config = job.config
 
     saved = [resume_state.step] if resume_state else []
@@ -189,7 +196,7 @@ def _train(job: TrainingJob, inputs: TrainingInputs, setting: str, resume_state:
                                          note=note)
     with inputs.training_context(), host_training.training_model(
             inputs.model, job.trainable, job.weight_wrappers, job.module_wrappers,
-            memory_settings.recomputed_layers(setting, job.method)) as (clone, device):
+            recomputed_layers) as (clone, device):
         predict = inputs.predictor(clone, device)
         schedule = inputs.schedule(clone).to(device)
 

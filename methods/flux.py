@@ -78,11 +78,13 @@ SPLITFLUX = Method(
     ),
     memory_peak_gib={"fastest": 21.87, "8 GB": 13.57},
     fastest_recomputes=26,
+    keep_all_peak_gib=39.65,
     block_roles={**{b: "content" for b in CONTENT_BLOCKS}, **{b: "rca" for b in RCA_BLOCKS},
                  **{b: "style" for b in STYLE_BLOCKS}},
     sources={
         "fastest_recomputes": "this pack: the fewest single blocks (from single_blocks.0) to recompute for 1024 px to fit "
-                              "a 24 GB card (bench/memory_estimate.py, fewest_recomputed_layers; keeping all needs 39.65 GiB)",
+                              "a 24 GB card (bench/memory_estimate.py, fewest_recomputed_layers); where more is free "
+                              "(keep_all_peak_gib, the same script) fastest recomputes nothing",
         "block_roles": "paper: content B20-29 (single 0-9), RCA B30-31 (single 10-11); style B32-57 (single 12-37) "
                        "DERIVED from the 'w/o FT (No B30-31)' ablation and the 43.65 M parameter count",
     },

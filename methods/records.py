@@ -76,9 +76,13 @@ class Method:
     """Training peak per memory setting at 1024 x 1024 on the full-size model, resident weights
     included, as ``bench/memory_estimate.py`` counts it for this method (BENCHMARKS.md)."""
     fastest_recomputes: int = 0
-    """How many layers of the backward path, from its first, recompute their activations under
-    ``fastest`` (``training.memory.recomputed_layers``); 0 keeps every one. Set where keeping all
-    would not fit the card the setting is for (FLUX.1's single blocks at 4608 tokens)."""
+    """How many layers of the backward path, from its first, ``fastest`` recomputes on a GPU whose
+    free memory cannot hold every activation (``training.memory.recomputed_layers``); 0 keeps
+    every one. Set where keeping all would not fit the card the setting is for (FLUX.1's single
+    blocks at 4608 tokens); ``memory_peak_gib["fastest"]`` is the peak with these recomputed."""
+    keep_all_peak_gib: float | None = None
+    """With ``fastest_recomputes``: the peak at 1024 px when ``fastest`` keeps every activation,
+    what a GPU (or the CPU, which has no such limit) needs free for ``fastest`` to recompute nothing."""
     block_roles: Mapping[str, str] = field(default_factory=dict)
     """Per block, the role the method gives it (see each record)."""
     defaults: Mapping[str, Any] = field(default_factory=dict)

@@ -32,8 +32,8 @@ def memory_input(node_id: str) -> io.Combo.Input:
     """The ``memory`` input, its tooltip saying what ``fastest`` keeps for the node's method."""
     recomputes = max(method.fastest_recomputes for method in methods.trained_by(node_id))
     fastest = ("everything kept for backward" if not recomputes else
-               f"everything kept for backward but the first {recomputes} single blocks (recomputed), so that 1024 px "
-               "fits a 24 GB card")
+               f"everything kept for backward; on a GPU that cannot hold it all, the first {recomputes} single blocks "
+               "are recomputed, so that 1024 px fits a 24 GB card")
     smallest = "for 1024 px on an 8 GB card" if not recomputes else "for 1024 px on a 16 GB card with fp8 weights"
     return io.Combo.Input("memory", options=list(memory_settings.SETTINGS), default=memory_settings.AUTO, optional=True,
                           tooltip="auto: the fastest setting that fits the free VRAM at start (the status text says "

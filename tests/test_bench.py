@@ -146,8 +146,9 @@ def test_memory_estimate_gives_every_method_and_setting_and_the_registry_follows
 
 
 def test_flux_fastest_recomputes_the_fewest_single_blocks_that_meet_its_goal(host):
-    """SplitFlux's ``fastest`` on FLUX.1-dev at 1024 px: with the registry's ``fastest_recomputes``
-    the peak meets the goal, with one fewer it does not (so no more is recomputed than needed)."""
+    """SplitFlux's ``fastest`` on FLUX.1-dev at 1024 px on a card that cannot keep everything: with
+    the registry's ``fastest_recomputes`` the peak meets the goal, with one fewer it does not (so no
+    more is recomputed than needed); keeping all needs the registry's ``keep_all_peak_gib``."""
     from bench import memory_estimate
 
     import comfy.ldm.flux.math as flux_math
@@ -157,8 +158,10 @@ def test_flux_fastest_recomputes_the_fewest_single_blocks_that_meet_its_goal(hos
     attention = flux_math.optimized_attention
     peak = memory_estimate.estimate_flux(host, "splitflux", "fastest")
     fewer = memory_estimate.estimate_flux(host, "splitflux", None, recomputed_layers=method.fastest_recomputes - 1)
+    keep_all = memory_estimate.estimate_flux(host, "splitflux", None, recomputed_layers=0)
     assert peak["recomputed_layers"] == method.fastest_recomputes > 0
     assert peak["peak_gib"] <= goal < fewer["peak_gib"]
+    assert keep_all["peak_gib"] == pytest.approx(method.keep_all_peak_gib, abs=0.01)
     assert peak["peak_gib"] + host.pack("training.memory").MARGIN_GIB <= 23.0, "auto picks it on a 24 GB card"
     assert flux_math.optimized_attention is attention, "the count's stand-in for fused attention is taken off"
 

@@ -120,17 +120,28 @@ def test_a_mask_replaces_the_gate_and_is_recorded(host, loaded_flux, loras_dir, 
     assert config["method_settings"]["masked"] is True
 
 
+@pytest.mark.parametrize("free_gib, recomputes", [(None, 0), (23.0, 26), (48.0, 0)],
+                         ids=["cpu", "24 GB card", "48 GB card"])
+def test_fastest_on_flux_recomputes_only_where_the_gpu_cannot_keep_everything(host, free_gib, recomputes):
+    method = host.pack("methods").by_key("splitflux")
+    memory = host.pack("training.memory")
+    assert memory.recomputed_layers("fastest", method, free_gib) == recomputes
+    assert memory.recomputed_layers("8 GB", method, free_gib) is None
+    assert memory.recomputed_layers("fastest", host.pack("methods").by_key("b-lora"), 6.0) == 0
+    assert memory.recomputed_layers("fastest", method, 48.0, pixels=2048 * 2048) == 26, "a larger image needs more"
+
+
 def test_each_memory_setting_trains_the_same_lora(host, loaded_flux, loras_dir, monkeypatch):
-    """'fastest' on FLUX.1 recomputes the first 26 single blocks (so 1024 px fits a 24 GB card),
-    '8 GB' every single block and the final layer; both train what keeping everything trains:
-    the same files."""
+    """'fastest' on FLUX.1 keeps everything where it fits (here: the CPU) and on a 24 GB card
+    recomputes the first 26 single blocks, '8 GB' every single block and the final layer; all
+    train the same files."""
     import safetensors.torch
 
     gradient_checkpointing = host.pack("training.gradient_checkpointing")
-    memory = host.pack("training.memory")
+    host_training = host.pack("host.training")
     transformer = loaded_flux.model.diffusion_model
     recomputed = {}
-    real_checkpointed, real_recomputed_layers = gradient_checkpointing.checkpointed, memory.recomputed_layers
+    real_checkpointed = gradient_checkpointing.checkpointed
 
     def recording(name):
         def checkpointed(layers):
@@ -141,10 +152,9 @@ def test_each_memory_setting_trains_the_same_lora(host, loaded_flux, loras_dir, 
     for name, setting in (("none", "fastest"), ("fast", "fastest"), ("small", "8 GB")):
         with monkeypatch.context() as patch:
             patch.setattr(gradient_checkpointing, "checkpointed", recording(name))
-            if name == "none":
-                patch.setattr(memory, "recomputed_layers", lambda setting, method: 0)
+            if name == "fast":  # what a 24 GB card has free (the CPU has no limit)
+                patch.setattr(host_training, "free_vram_gib", lambda: 23.0)
             train(host, loaded_flux, f"sf/{name}", steps=2, memory=setting)
-    assert memory.recomputed_layers is real_recomputed_layers
     assert recomputed["none"] == []
     assert recomputed["fast"] == list(transformer.single_blocks[:26])
     assert recomputed["small"] == [*transformer.single_blocks, transformer.final_layer]

@@ -1,8 +1,8 @@
 """The trainers' memory settings: what each does, and how ``auto`` picks one.
 
 - ``fastest``: the whole fp16 UNet resident, activations kept for backward (no recomputation);
-  on FLUX.1 all but the first single blocks' (the method's ``fastest_recomputes``), so that
-  1024 px fits a 24 GB card.
+  on FLUX.1, on a GPU whose free memory cannot hold them all, all but the first single blocks'
+  (the method's ``fastest_recomputes``), so that 1024 px fits a 24 GB card.
 - ``8 GB``: the same weights, with gradient checkpointing of every layer backward traverses
   (``gradient_checkpointing.backward_path_layers``): activations are recomputed in backward
   instead of kept, for about one more forward pass of those layers per step.
@@ -67,10 +67,17 @@ def out_of_memory_advice(resolved: str) -> str:
             "a checkpoint of the last completed step is kept, so run again with resume on.")
 
 
-def recomputed_layers(setting: str, method) -> int | None:
+def recomputed_layers(setting: str, method, free_gib: float | None, pixels: int = 1024 * 1024) -> int | None:
     """How many layers of the backward path (``gradient_checkpointing.backward_path_layers``),
     from its first, recompute their activations in backward under a resolved ``setting`` for
-    ``method`` (its registry record): None for every one."""
+    ``method`` (its registry record): None for every one (``8 GB``). ``fastest`` recomputes none
+    where ``free_gib`` holds every activation (or is None: no GPU limit), else the method's
+    ``fastest_recomputes`` (0 for most: they keep all anyway)."""
     if setting not in RESOLVED:
         raise ValueError(f"memory {setting!r} is not a resolved setting {RESOLVED}.")
-    return None if setting == EIGHT_GB else method.fastest_recomputes
+    if setting == EIGHT_GB:
+        return None
+    if not method.fastest_recomputes or free_gib is None:
+        return 0
+    keep_all = method.keep_all_peak_gib * max(pixels / (1024 * 1024), 1.0) + MARGIN_GIB
+    return 0 if keep_all <= free_gib else method.fastest_recomputes
