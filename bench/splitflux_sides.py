@@ -5,8 +5,8 @@ on a narrow FLUX, ``bench/gpu_train_step.py --model flux``), on one ComfyUI FLUX
   inputs, settings, configuration and layers), on the host's training clone with the memory
   setting, through the pack's trainer, as ``host.training_run`` runs it (without the progress
   bar and the checkpoints); ``pack-8gb`` with the node's ``memory`` = ``8 GB``;
-- ``reference``: the paper's equations (``devkit/splitflux_reference.py``: forward hooks adding
-  the VGRA-gated, RCA-scaled and style LoRAs to q/k/v, prompt replacement, flow-matching loss
+- ``reference``: the paper's equations (``devkit/splitflux_reference.py``: peft LoRA layers with
+  the VGRA-gated, RCA-scaled and style adapters on q/k/v, prompt replacement, flow-matching loss
   plus the complementary loss) on diffusers' ``FluxTransformer2DModel`` holding the same weights
   (ComfyUI's ``flux_to_diffusers`` map), starting from the same LoRA factors, with the same
   draws, AdamW and clipping at 1.0.
