@@ -402,7 +402,7 @@ def sdxl_runners(setup: Setup, host, names: list[str]):
             runners[name] = reference.runner(REFERENCE_VARIANTS[name])
         else:
             runners[name] = pack_runner(setup, host, model, PACK_VARIANTS[name])
-    return runners, list
+    return runners, lambda: []
 
 
 def flux_runners(setup: Setup, host, names: list[str]):

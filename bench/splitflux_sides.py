@@ -103,7 +103,7 @@ class SplitFluxBench:
     def reference_runner(self, losses: list[float]):
         diffusion = self.host.pack("training.diffusion")
         trainer = self.host.pack("training.trainer")
-        inputs, job = self.job(1)
+        _, job = self.job(1)
         config = job.config
         weights = self.model.model.diffusion_model
         device, dtype = next(weights.parameters()).device, next(weights.parameters()).dtype

@@ -120,8 +120,8 @@ def run(job: TrainingJob, inputs: TrainingInputs, node_id: str | None, resume: b
     setting, why = memory_settings.resolve(memory, job.method.memory_peak_gib, free_gib, pixels)
     recompute = functools.partial(memory_settings.recomputed_layers, method=job.method, free_gib=free_gib,
                                   pixels=pixels)
-    if setting == memory_settings.FASTEST and recompute(setting):
-        why += f"; the first {recompute(setting)} blocks backward runs through are recomputed to fit"
+    if setting == memory_settings.FASTEST and (recomputed := recompute(setting)):
+        why += f"; the first {recomputed} blocks backward runs through are recomputed to fit"
     logging.info("%s: %s", label, why)
     if resume_state is not None and resume_state.step == job.config.steps:
         state = resume_state  # Cancel landed after the last step: its checkpoint holds the whole run

@@ -173,14 +173,14 @@ def open_node_help(page, node_type: str, doc_path: str):
     selection toolbox's Node Info button, as a user asks for a node's help (the frontend shows it
     in the node library sidebar on 1.27, in the properties panel's Info tab on 1.49 and later).
     Checks the page came from ``doc_path``; returns the node's id and the help's panel."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     node_id = page.evaluate("""(type) => {
         const graph = window.app.graph, node = LiteGraph.createNode(type);
         node.pos = [Math.max(0, ...graph._nodes.map((n) => n.pos[0] + n.size[0])) + 400, 0];
         graph.add(node);
         return node.id;
     }""", node_type)
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
     info_button = page.locator("[data-testid=info-button]")
     for attempt in range(3):  # on a loaded machine a click can land before the canvas has drawn the node
         browser_harness.click_node_title(page, node_id)
